@@ -1,0 +1,37 @@
+"""Linen modules: the MMDiT generator, its label embedder, the APT discriminator.
+
+Only this package imports `flax.linen`; everything else moves plain pytrees.
+"""
+
+from apt_jax.models.config import (
+    RELEASED_PARAMETER_COUNTS,
+    VARIANTS,
+    MMDiTConfig,
+    get_variant,
+)
+from apt_jax.models.label_embedder import LabelEmbedder
+from apt_jax.models.layout import stack_layers, unstack_layers
+from apt_jax.models.mmdit import (
+    MMDiT,
+    abstract_params,
+    dummy_inputs,
+    init_params,
+    layer_runs,
+    param_count,
+)
+
+__all__ = [
+    "MMDiT",
+    "MMDiTConfig",
+    "LabelEmbedder",
+    "VARIANTS",
+    "RELEASED_PARAMETER_COUNTS",
+    "get_variant",
+    "init_params",
+    "abstract_params",
+    "dummy_inputs",
+    "param_count",
+    "layer_runs",
+    "stack_layers",
+    "unstack_layers",
+]
