@@ -3,6 +3,7 @@
 Only this package imports `flax.linen`; everything else moves plain pytrees.
 """
 
+from apt_jax.models.class_conditional import ClassConditionalMMDiT
 from apt_jax.models.config import (
     RELEASED_PARAMETER_COUNTS,
     VARIANTS,
@@ -21,6 +22,7 @@ from apt_jax.models.mmdit import (
 )
 
 __all__ = [
+    "ClassConditionalMMDiT",
     "MMDiT",
     "MMDiTConfig",
     "LabelEmbedder",

@@ -13,7 +13,10 @@ MLP = "mlp"  # feed-forward hidden width (4 D).
 HEADS = "heads"  # fused heads * head_dim output of q/k/v projections.
 HEAD_DIM = "head_dim"  # per-head width (QK RMSNorm scales).
 MODULATION = "modulation"  # adaLN outputs (k * D chunks of shift/scale/gate).
-PATCH = "patch"  # flattened patch features (p * p * C) and patch kernel taps.
+PATCH = "patch"  # flattened patch features (p * p * C); latent channels of the patch kernel.
+PATCH_T = "patch_t"  # temporal taps of the patch kernel (pt).
+PATCH_H = "patch_h"  # row taps of the patch kernel (p).
+PATCH_W = "patch_w"  # column taps of the patch kernel (p).
 CONTEXT_IN = "context_in"  # joint_attention_dim of the text encoder states.
 POOLED_IN = "pooled_in"  # pooled_projection_dim of the pooled text vector.
 FREQ = "freq"  # sinusoidal timestep features (256).
@@ -44,6 +47,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (HEAD_DIM, None),
     (MODULATION, "tensor"),
     (PATCH, None),
+    (PATCH_T, None),
+    (PATCH_H, None),
+    (PATCH_W, None),
     (CONTEXT_IN, None),
     (POOLED_IN, None),
     (FREQ, None),

@@ -95,7 +95,7 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, tuple[int, ...]]:
-        """x: `(B, H, W, C)` or `(B, F, H, W, C)` -> tokens `(B, N, D)`, grid `(h, w)` / `(f, h, w)`."""
+        """`(B, H, W, C)` / `(B, F, H, W, C)` -> tokens `(B, N, D)`, grid `(h, w)` / `(f, h, w)`."""
         cfg = self.config
         p, d = cfg.patch_size, cfg.inner_dim
         if x.ndim == 5:
@@ -115,7 +115,9 @@ class PatchEmbed(nn.Module):
         init = nn.initializers.variance_scaling(
             1.0, "fan_avg", "uniform", in_axis=tuple(range(len(kernel_shape) - 1)), out_axis=-1
         )
-        kernel_names = (axes.PATCH,) * (len(kernel_shape) - 1) + (axes.EMBED,)
+        # One distinct name per dimension: flax rejects repeated logical names.
+        taps = (axes.PATCH_T, axes.PATCH_H, axes.PATCH_W)[-(len(kernel_shape) - 2) :]
+        kernel_names = (*taps, axes.PATCH, axes.EMBED)
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(init, kernel_names),
@@ -147,8 +149,10 @@ class MLPEmbedder(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         cfg = self.config
         init = nn.initializers.normal(0.02)
+        # The hidden width is EMBED on the way in and MLP on the way out (flax
+        # rejects a name repeated within one kernel); both kernels shard on fsdp.
         h = dense(cfg, cfg.inner_dim, (self.in_axis, axes.EMBED), "linear_1", kernel_init=init)(x)
-        return dense(cfg, cfg.inner_dim, (axes.EMBED, axes.EMBED), "linear_2", kernel_init=init)(
+        return dense(cfg, cfg.inner_dim, (axes.MLP, axes.EMBED), "linear_2", kernel_init=init)(
             nn.silu(h)
         )
 
