@@ -1,0 +1,100 @@
+"""Flow-matching SFT of a class-conditional MMDiT (the teacher of later stages).
+
+Builds, from a config: the mesh, the sharded train state (params, AdamW state,
+EMA), the jitted train step, the data iterator and the evaluator.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+from apt_jax import flow
+from apt_jax.models.partitioning import axis_rules
+from apt_jax.objectives.sft import drop_labels, flow_matching_loss
+from apt_jax.tasks import common
+from apt_jax.train import sharding
+from apt_jax.train.config import validate_common
+from apt_jax.train.optim import make_optimizer, make_schedule
+from apt_jax.train.state import apply_gradients, compute_grads, create_train_state
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError for a bad SFT config, before anything is compiled."""
+    validate_common(config)
+    f = config.flow
+    if f.density not in flow.DENSITIES:
+        raise ValueError(
+            f"config.flow.density={f.density!r} is unknown; use one of {flow.DENSITIES}."
+        )
+    if f.weighting not in flow.LOSS_WEIGHTINGS:
+        raise ValueError(
+            f"config.flow.weighting={f.weighting!r} is unknown; use one of {flow.LOSS_WEIGHTINGS}."
+        )
+    if not 0.0 <= f.label_dropout < 1.0:
+        raise ValueError(f"config.flow.label_dropout={f.label_dropout} must be in [0, 1).")
+    k = config.optimizer.accumulation_steps
+    if config.batch_size % k:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by "
+            f"config.optimizer.accumulation_steps={k}."
+        )
+
+
+def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
+    validate(config)
+    mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
+    rules = config.logical_axis_rules
+    gen = common.class_conditional_generator(config)
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    lr_schedule = make_schedule(config.optimizer, config.total_steps)
+
+    init_state, abstract_state, state_shardings = common.sharded_init(
+        lambda rng: create_train_state(gen.init_boxed(rng), tx), mesh, rules
+    )
+
+    def loss_fn(params, batch, rng):
+        r_drop, r_loss = jax.random.split(rng)
+        labels = drop_labels(batch["label"], r_drop, config.flow.label_dropout, gen.null_label)
+        return flow_matching_loss(
+            gen.velocity_fn(params), batch["image"], labels, r_loss, config.flow
+        )
+
+    def train_step(state, batch, rng):
+        with axis_rules(rules, mesh):
+            rng = jax.random.fold_in(rng, state.step)
+            grads, metrics = compute_grads(
+                loss_fn, state.params, batch, rng, config.optimizer.accumulation_steps
+            )
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            metrics["learning_rate"] = lr_schedule(state.step)
+            return apply_gradients(state, grads, tx, config.ema_decay), metrics
+
+    def evaluate(state, step, out_dir):
+        return common.evaluate_digits_generator(gen, state.ema_params, config, step, out_dir)
+
+    def sample(state, num, steps, cfg_scale, seed):
+        _, image_shape = common.make_source(config)
+        return common.generate(
+            gen,
+            state.ema_params,
+            num=num,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            shift=config.eval.shift,
+            seed=seed,
+            image_shape=image_shape,
+        )
+
+    return common.Task(
+        config=config,
+        mesh=mesh,
+        init_state=init_state,
+        abstract_state=abstract_state,
+        train_step=common.jit_train_step(train_step, state_shardings, mesh),
+        make_iterator=common.iterator_factory(config),
+        evaluate=evaluate,
+        sample=sample,
+    )

@@ -1,0 +1,83 @@
+"""The config keys every recipe shares, their defaults and their validation.
+
+Recipe configs (`configs/*.py`) start from `base_config()` and override. Code
+never reads a global config: the ConfigDict is passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from apt_jax.models import MMDiTConfig, axes, get_variant
+
+
+def model_config(variant: str, **overrides) -> ml_collections.ConfigDict:
+    """`config.model`: every `MMDiTConfig` field, so any can be overridden by flag."""
+    return ml_collections.ConfigDict(get_variant(variant, **overrides).to_dict())
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "sft"
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 128  # global, over all devices and processes
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 2
+    c.log_every = 50
+    c.eval_every = 0  # 0: evaluate only at the end
+    c.progress_bar = True
+
+    c.model = model_config("digits")
+    # Class-conditional recipes: labels -> (context, pooled) via LabelEmbedder.
+    c.num_classes = 10
+    c.context_tokens = 1
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.logical_axis_rules = [list(r) for r in axes.DEFAULT_RULES]
+
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            learning_rate=1e-3,
+            schedule="constant",
+            warmup_steps=100,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            rmsprop_decay=0.9,
+            momentum=0.0,
+            grad_clip_norm=1.0,
+            accumulation_steps=1,
+        )
+    )
+    c.ema_decay = 0.999
+
+    c.data = ml_collections.ConfigDict(dict(name="digits", worker_count=0, shuffle=True))
+
+    # Evaluation during training and defaults of launch/sample.py.
+    c.eval = ml_collections.ConfigDict(
+        dict(num_samples=500, steps=25, cfg_scale=1.0, shift=1.0, grid_rows=10, seed=1234)
+    )
+    return c
+
+
+def mmdit_config(config: ml_collections.ConfigDict) -> MMDiTConfig:
+    """The `MMDiTConfig` described by `config.model` (validated on construction)."""
+    return MMDiTConfig(**config.model.to_dict())
+
+
+def validate_common(config: ml_collections.ConfigDict) -> None:
+    """Checks the shared keys; raises ValueError naming the key and the fix."""
+    for key in ("total_steps", "batch_size", "checkpoint_every"):
+        value = config.get(key)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config.{key} must be a positive int, got {value!r}.")
+    if config.get("log_every", 1) <= 0:
+        raise ValueError("config.log_every must be a positive int.")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1).")
+    if config.data.name != "digits":
+        raise ValueError(f"config.data.name={config.data.name!r} is unknown; use 'digits'.")
+    mmdit_config(config)  # raises on contradictory model fields

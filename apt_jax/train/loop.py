@@ -1,0 +1,115 @@
+"""The training loop shared by every recipe.
+
+Sections, in order: restore or init, the loop (step, log, checkpoint,
+evaluate), shutdown. A recipe provides a `Task` (apt_jax.tasks.common).
+Resuming on the same workdir continues from the newest checkpoint with the
+same data order and random numbers (the step's rng is `fold_in(seed, step)`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from apt_jax.tasks.common import Task
+from apt_jax.train.checkpoint import Checkpointer
+from apt_jax.train.metrics_writer import MetricWriter, check_finite
+from apt_jax.train.preemption import PreemptionGuard
+from apt_jax.train.sharding import make_global_batch
+
+log = logging.getLogger(__name__)
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def train(task: Task, workdir: str) -> dict:
+    """Trains `task` to `config.total_steps`, resuming from `workdir` if possible.
+
+    Returns:
+      The final evaluation metrics (plus `step`), also written as JSON under
+      `<workdir>/eval/`.
+    """
+    config = task.config
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    it = task.make_iterator()
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+
+    # ---------------------------------------------------------- restore / init
+    start = ckpt.latest_step()
+    if start is None:
+        state, start = task.init_state(init_rng), 0
+    else:
+        state, start = ckpt.restore(abstract_state=task.abstract_state, data_iterator=it)
+        log.info("Resumed from step %d in %s", start, workdir)
+
+    writer = MetricWriter(workdir)
+    eval_dir = os.path.join(workdir, "eval")
+    total = config.total_steps
+    stopped_early = False
+
+    # -------------------------------------------------------------------- loop
+    try:
+        with PreemptionGuard() as guard:
+            bar = tqdm(
+                total=total,
+                initial=start,
+                disable=not (config.progress_bar and _is_main()),
+                dynamic_ncols=True,
+                desc=config.task,
+            )
+            t_last, s_last = time.perf_counter(), start
+            for step in range(start + 1, total + 1):
+                batch = make_global_batch(next(it), task.mesh)
+                state, metrics = task.train_step(state, batch, step_rng)
+                bar.update(1)
+
+                stop = guard.requested or ckpt.reached_preemption(step)
+                save = step % config.checkpoint_every == 0 or step == total or stop
+                if step % config.log_every == 0 or save:
+                    # Checked before any save, so a NaN never overwrites a good state.
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    check_finite(metrics, step)
+                    now = time.perf_counter()
+                    metrics["steps_per_second"] = (step - s_last) / max(now - t_last, 1e-9)
+                    t_last, s_last = now, step
+                    writer.write_scalars(step, metrics)
+                    bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+                if save:
+                    ckpt.save(step, state, data_iterator=it, config=config, force=stop)
+                if config.eval_every and step % config.eval_every == 0 and step != total:
+                    writer.write_scalars(step, task.evaluate(state, step, eval_dir))
+                if stop:
+                    log.warning("Preemption requested: saved step %d, exiting.", step)
+                    stopped_early = True
+                    break
+            bar.close()
+    finally:
+        # Also on errors (a NaN, an interrupt): let in-flight saves finish, so the
+        # last good checkpoint is complete on disk.
+        ckpt.wait_until_finished()
+        ckpt.close()
+
+    # ---------------------------------------------------------------- shutdown
+    if stopped_early:
+        writer.close()
+        return {"step": step, "preempted": True}
+    results = {"step": total}
+    results.update(task.evaluate(state, total, eval_dir))
+    writer.write_scalars(total, {k: v for k, v in results.items() if k != "step"})
+    writer.close()
+    if _is_main():
+        with open(os.path.join(eval_dir, f"metrics_step{total}.json"), "w") as f:
+            json.dump({k: float(np.asarray(v)) for k, v in results.items()}, f, indent=2)
+    if hasattr(it, "close"):
+        it.close()
+    return results
