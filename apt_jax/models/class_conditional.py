@@ -51,7 +51,9 @@ class ClassConditionalMMDiT:
         """Parameters still boxed with their logical axis names (for sharding)."""
         r_model, r_labels = jax.random.split(rng)
         inputs = dummy_inputs(self.config, frames=self.config.patch_size_t or 0)
-        mmdit = MMDiT(self.config).init(r_model, *inputs)["params"]
+        # "xla": the parameters do not depend on the kernel, and cuDNN may be absent.
+        mmdit = MMDiT(self.config).init(r_model, *inputs, attention_implementation="xla")
+        mmdit = mmdit["params"]
         labels = self.label_embedder.init(r_labels, jnp.zeros((1,), jnp.int32))["params"]
         return {"mmdit": mmdit, "labels": labels}
 

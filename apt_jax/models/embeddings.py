@@ -50,6 +50,21 @@ def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
+def _sincos_2d(embed_dim: int, pos_h: np.ndarray, pos_w: np.ndarray) -> np.ndarray:
+    """2D sin-cos codes on the grid `pos_h x pos_w`, `(len(pos_h), len(pos_w), D)` float32.
+
+    The first half of the channels encodes the column (w) coordinate and the
+    second half the row (h), as diffusers' `get_2d_sincos_pos_embed_from_grid`.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"The 2D sin-cos table needs a width divisible by 4, got {embed_dim}.")
+    ww, hh = np.meshgrid(pos_w, pos_h)  # (gh, gw) each; diffusers puts w first.
+    emb = np.concatenate([_sincos_1d(embed_dim // 2, ww), _sincos_1d(embed_dim // 2, hh)], axis=1)
+    table = emb.reshape(len(pos_h), len(pos_w), embed_dim).astype(np.float32)
+    table.setflags(write=False)
+    return table
+
+
 @functools.lru_cache(maxsize=16)
 def sd3_pos_table(embed_dim: int, grid_h: int, grid_w: int, base_size: int) -> np.ndarray:
     """SD3's 2D sin-cos table (diffusers `get_2d_sincos_pos_embed`), as `(gh, gw, D)`.
@@ -58,32 +73,32 @@ def sd3_pos_table(embed_dim: int, grid_h: int, grid_w: int, base_size: int) -> n
     second half the row (h), positions scaled by `base_size / grid`, exactly as
     diffusers computes the `pos_embed.pos_embed` buffer.
     """
-    if embed_dim % 4:
-        raise ValueError(f"The 2D sin-cos table needs a width divisible by 4, got {embed_dim}.")
     pos_h = np.arange(grid_h, dtype=np.float32) / (grid_h / base_size)
     pos_w = np.arange(grid_w, dtype=np.float32) / (grid_w / base_size)
-    ww, hh = np.meshgrid(pos_w, pos_h)  # (gh, gw) each; diffusers puts w first.
-    emb = np.concatenate([_sincos_1d(embed_dim // 2, ww), _sincos_1d(embed_dim // 2, hh)], axis=1)
-    table = emb.reshape(grid_h, grid_w, embed_dim).astype(np.float32)
-    table.setflags(write=False)
-    return table
+    return _sincos_2d(embed_dim, pos_h, pos_w)
 
 
+@functools.lru_cache(maxsize=64)
 def spatial_positions(
     embed_dim: int, h: int, w: int, *, sample_size: int, patch_size: int, max_size: int | None
 ) -> np.ndarray:
     """Position codes for an `h x w` patch grid, `(h, w, D)` float32.
 
-    With `max_size`, the `max_size^2` table is centre-cropped (SD3's
-    `cropped_pos_embed`); otherwise the table is computed for the exact grid.
+    With `max_size`, the centred `h x w` window of the `max_size^2` table
+    (SD3's `cropped_pos_embed`), computed directly: the window's rows are
+    bit-identical to the full table's, without building the full table
+    (SD3.5-medium's 384^2 x 1536 table takes ~3.7 GB and seconds to compute).
+    Without `max_size`, the table is computed for the exact grid.
     """
     base_size = sample_size // patch_size
     if max_size is None:
         return sd3_pos_table(embed_dim, h, w, base_size)
-    table = sd3_pos_table(embed_dim, max_size, max_size, base_size)
     top = (max_size - h) // 2
     left = (max_size - w) // 2
-    return table[top : top + h, left : left + w]
+    # Same float32 arithmetic as the full table: arange(max) / (max / base), windowed.
+    pos_h = np.arange(top, top + h, dtype=np.float32) / (max_size / base_size)
+    pos_w = np.arange(left, left + w, dtype=np.float32) / (max_size / base_size)
+    return _sincos_2d(embed_dim, pos_h, pos_w)
 
 
 def temporal_positions(embed_dim: int, frames: int) -> np.ndarray:

@@ -15,6 +15,18 @@ from apt_jax.models.config import MMDiTConfig
 from apt_jax.models.mmdit import layer_runs
 
 
+def _stack(*xs):
+    if isinstance(xs[0], jax.ShapeDtypeStruct):  # abstract params (eval_shape)
+        return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
+    return jnp.stack(xs)
+
+
+def _take(x, k: int):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    return x[k]
+
+
 def stack_layers(params: dict, config: MMDiTConfig) -> dict:
     """Unrolled -> scanned layout (what `config.replace(scan_layers=True)` expects)."""
     out = dict(params)
@@ -26,7 +38,7 @@ def stack_layers(params: dict, config: MMDiTConfig) -> dict:
         if missing:
             raise ValueError(f"stack_layers: params lack {missing}; are they already scanned?")
         blocks = [out.pop(n) for n in names]
-        out[run.scanned_name] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+        out[run.scanned_name] = jax.tree.map(_stack, *blocks)
     return out
 
 
@@ -42,5 +54,5 @@ def unstack_layers(params: dict, config: MMDiTConfig) -> dict:
             )
         stacked = out.pop(run.scanned_name)
         for k, i in enumerate(range(run.start, run.stop)):
-            out[run.block_name(i)] = jax.tree.map(lambda x, k=k: x[k], stacked)
+            out[run.block_name(i)] = jax.tree.map(lambda x, k=k: _take(x, k), stacked)
     return out

@@ -315,7 +315,9 @@ def dummy_inputs(config: MMDiTConfig, batch: int = 1, context_len: int = 1, fram
 def init_params(config: MMDiTConfig, rng: jax.Array) -> dict:
     """Initialises MMDiT parameters (unboxed) from the smallest valid inputs."""
     inputs = dummy_inputs(config, frames=config.patch_size_t or 0)
-    variables = MMDiT(config).init(rng, *inputs)
+    # The parameters do not depend on the attention kernel; "xla" runs anywhere
+    # (cuDNN needs a GPU and fp16/bf16 inputs, and init runs a dummy forward).
+    variables = MMDiT(config).init(rng, *inputs, attention_implementation="xla")
     return nn.meta.unbox(variables["params"])
 
 

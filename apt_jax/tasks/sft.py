@@ -70,7 +70,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
             )
             metrics["grad_norm"] = optax.tree.norm(grads)
             metrics["learning_rate"] = lr_schedule(state.step)
-            return apply_gradients(state, grads, tx, config.ema_decay), metrics
+            return apply_gradients(state, grads, tx, config.ema_decay, config.ema_warmup), metrics
 
     def evaluate(state, step, out_dir):
         return common.evaluate_digits_generator(gen, state.ema_params, config, step, out_dir)

@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.ema_decay = 0.999
+    c.ema_warmup = True  # decay min(d, (1 + n) / (10 + n)) over the first updates
 
     c.data = ml_collections.ConfigDict(dict(name="digits", worker_count=0, shuffle=True))
 

@@ -44,14 +44,32 @@ def create_train_state(params: Any, tx: optax.GradientTransformation) -> TrainSt
     )
 
 
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool = True) -> jax.Array:
+    """EMA decay for update number `step + 1`.
+
+    With `warmup`, `min(decay, (1 + step) / (10 + step))` (TensorFlow's
+    `num_updates` rule): early averages forget the initialisation quickly
+    instead of carrying `decay ** step` of it (a fresh MMDiT predicts 0).
+    """
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    step = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def apply_gradients(
-    state: TrainState, grads: Any, tx: optax.GradientTransformation, ema_decay: float
+    state: TrainState,
+    grads: Any,
+    tx: optax.GradientTransformation,
+    ema_decay: float,
+    ema_warmup: bool = True,
 ) -> TrainState:
     """One optimizer update and one EMA update (`ema = d * ema + (1 - d) * params`)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    d = ema_decay_at(state.step, ema_decay, ema_warmup)
     ema = jax.tree.map(
-        lambda e, p: (ema_decay * e + (1.0 - ema_decay) * p).astype(e.dtype),
+        lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype),
         state.ema_params,
         params,
     )
