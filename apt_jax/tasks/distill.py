@@ -1,0 +1,339 @@
+"""Distillation of a many-step teacher into a one- or few-step student.
+
+`config.variant`:
+  "deterministic": APT's generator initialisation. The student, started from
+    the teacher's weights, takes one step at t = 1, `G(z, c) = z - v(z, 1, c)`,
+    and is regressed (MSE) onto the teacher's N-step CFG ODE solution from z.
+  "direct": DiffSynth's direct distillation. The student runs its own K-step
+    sampler (CFG 1) from z with gradients through every step (remat per
+    step), MSE to the teacher's solution.
+
+Targets (`config.targets`): "on_the_fly" solves the teacher ODE inside the
+jitted step (no gradient); "precomputed" reads rows `(seed, label, target)`
+written by `launch/make_targets.py`. A row's noise is a function of its seed,
+so both give the same targets for the same seed.
+
+The state is `{"student": TrainState, "teacher": params}`; only the student
+is differentiated. The teacher travels with the state (donated and returned
+unchanged, so never copied) and with the checkpoints, so a run resumes on its
+own.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from apt_jax import sampling
+from apt_jax.data.pipeline import make_train_iterator
+from apt_jax.models.partitioning import axis_rules, logical_shardings, unbox
+from apt_jax.objectives.distill import (
+    deterministic_distill_loss,
+    direct_distill_loss,
+    noise_from_seeds,
+    teacher_solution,
+)
+from apt_jax.tasks import common
+from apt_jax.train import sharding
+from apt_jax.train.config import validate_common
+from apt_jax.train.optim import make_optimizer, make_schedule
+from apt_jax.train.state import apply_gradients, compute_grads, create_train_state
+
+VARIANTS = ("deterministic", "direct")
+TARGETS = ("on_the_fly", "precomputed")
+
+
+# ------------------------------------------------------------------- teacher
+def _teacher_config(teacher_workdir: str) -> ml_collections.ConfigDict:
+    from apt_jax.train.checkpoint import read_config
+
+    if not teacher_workdir:
+        raise ValueError("config.teacher_workdir is empty: pass --config.teacher_workdir=DIR.")
+    if not os.path.isdir(os.path.join(teacher_workdir, "checkpoints")):
+        raise ValueError(
+            f"config.teacher_workdir={teacher_workdir!r} holds no checkpoints; train the "
+            "teacher first (configs/digits_sft.py) or fix the path."
+        )
+    return ml_collections.ConfigDict(read_config(teacher_workdir))
+
+
+def check_same_model(config, teacher_config, what: str = "teacher") -> None:
+    """The student must have the teacher's architecture (it starts from its weights)."""
+    fields = ("model", "num_classes", "context_tokens")
+    diffs = []
+    for f in fields:
+        a, b = config.get(f), teacher_config.get(f)
+        a = a.to_dict() if hasattr(a, "to_dict") else a
+        b = b.to_dict() if hasattr(b, "to_dict") else b
+        if isinstance(a, dict):
+            shape_keys = [
+                k
+                for k in a
+                if k not in ("scan_layers", "remat_policy", "attention_implementation", "dtype")
+            ]
+            diffs += [
+                f"{f}.{k}: {b.get(k)!r} (teacher) vs {a[k]!r}"
+                for k in shape_keys
+                if _norm(a[k]) != _norm(b.get(k))
+            ]
+        elif a != b:
+            diffs.append(f"{f}: {b!r} (teacher) vs {a!r}")
+    if diffs:
+        raise ValueError(
+            f"The {what} run holds a model of another shape than config.model: "
+            + "; ".join(diffs[:10])
+            + f". Set the student's config to the {what}'s (e.g. --config.model.num_layers=...)."
+        )
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple | list) else v
+
+
+# -------------------------------------------------------------------- config
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks the config and the teacher run; returns the teacher's config."""
+    validate_common(config)
+    if config.variant not in VARIANTS:
+        raise ValueError(f"config.variant={config.variant!r} is unknown; use one of {VARIANTS}.")
+    if config.targets not in TARGETS:
+        raise ValueError(f"config.targets={config.targets!r} is unknown; use one of {TARGETS}.")
+    if config.variant == "direct" and config.student_steps < 1:
+        raise ValueError("config.student_steps must be >= 1 for direct distillation.")
+    if config.targets == "precomputed":
+        _check_targets_file(config)
+    teacher_config = _teacher_config(config.teacher_workdir)
+    check_same_model(config, teacher_config)
+    return teacher_config
+
+
+def _check_targets_file(config) -> None:
+    path = config.targets_path
+    if not path or not os.path.exists(path):
+        raise ValueError(
+            f"config.targets_path={path!r} does not exist; make it with "
+            "`python launch/make_targets.py --teacher_workdir ... --out F.npz`."
+        )
+    with np.load(path) as f:
+        steps, cfg = int(f["teacher_steps"]), float(f["teacher_cfg"])
+    if steps != config.teacher_steps or not np.isclose(cfg, config.teacher_cfg):
+        raise ValueError(
+            f"{path} holds targets of {steps} teacher steps at CFG {cfg}, but the config asks "
+            f"for teacher_steps={config.teacher_steps}, teacher_cfg={config.teacher_cfg}."
+        )
+
+
+class TargetsSource:
+    """Random-access rows `{seed, label, target}` of a precomputed targets file."""
+
+    def __init__(self, path: str):
+        with np.load(path) as f:
+            self._seeds = f["seed"].astype(np.int32)
+            self._labels = f["label"].astype(np.int32)
+            self._targets = f["target"].astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self._seeds)
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        return {"seed": self._seeds[i], "label": self._labels[i], "target": self._targets[i]}
+
+
+def teacher_sigmas(config) -> np.ndarray:
+    return sampling.shifted_linear_sigmas(config.teacher_steps, config.teacher_shift)
+
+
+def uncond_labels(labels: jax.Array, config, null_label: int) -> jax.Array:
+    """The teacher's negative condition: the null class, or a fixed class."""
+    neg = config.get("teacher_negative_label", -1)
+    return jnp.full_like(labels, null_label if neg < 0 else neg)
+
+
+# --------------------------------------------------------------------- build
+def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
+    validate(config)
+    mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
+    rules = config.logical_axis_rules
+    gen = common.class_conditional_generator(config)
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    lr_schedule = make_schedule(config.optimizer, config.total_steps)
+    _, image_shape = common.make_source(config)
+
+    # Sharded state: the student starts from the teacher's (EMA) weights.
+    boxed_params = jax.eval_shape(gen.init_boxed, jax.random.key(0))
+    param_shardings = logical_shardings(boxed_params, mesh, rules)
+
+    def boxed_init(rng):
+        params = gen.init_boxed(rng)
+        return {"student": create_train_state(params, tx), "teacher": params}
+
+    boxed_state = jax.eval_shape(boxed_init, jax.random.key(0))
+    state_shardings = logical_shardings(boxed_state, mesh, rules)
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        unbox(boxed_state),
+        state_shardings,
+    )
+    from_teacher = jax.jit(
+        lambda t: {"student": create_train_state(t, tx), "teacher": t},
+        in_shardings=(param_shardings,),
+        out_shardings=state_shardings,
+    )
+
+    def init_state(rng):
+        del rng  # the student is the teacher's copy
+        from apt_jax.tasks.runs import load_run
+
+        _, teacher_state, _ = load_run(config.teacher_workdir, mesh=mesh)
+        return from_teacher(teacher_state.ema_params)
+
+    t_sigmas = teacher_sigmas(config)
+    s_sigmas = sampling.shifted_linear_sigmas(config.student_steps, config.student_shift)
+
+    def targets_and_noise(teacher_params, batch, rng):
+        labels = batch["label"]
+        if config.targets == "precomputed":
+            return noise_from_seeds(batch["seed"], image_shape), batch["target"]
+        seeds = jax.random.randint(rng, labels.shape, 0, jnp.iinfo(jnp.int32).max)
+        z = noise_from_seeds(seeds, image_shape)
+        target = teacher_solution(
+            gen.velocity_fn(teacher_params),
+            z,
+            labels,
+            uncond_labels(labels, config, gen.null_label),
+            sigmas=t_sigmas,
+            cfg_scale=config.teacher_cfg,
+        )
+        return z, target
+
+    def loss_fn(params, inputs, rng):
+        del rng
+        z, labels, target = inputs
+        student = gen.velocity_fn(params)
+        if config.variant == "deterministic":
+            return deterministic_distill_loss(student, z, labels, target)
+        return direct_distill_loss(
+            student, z, labels, target, sigmas=s_sigmas, remat_steps=config.remat_steps
+        )
+
+    def train_step(state, batch, rng):
+        with axis_rules(rules, mesh):
+            s = state["student"]
+            rng = jax.random.fold_in(rng, s.step)
+            z, target = targets_and_noise(state["teacher"], batch, rng)
+            grads, metrics = compute_grads(
+                loss_fn,
+                s.params,
+                (z, batch["label"], target),
+                rng,
+                config.optimizer.accumulation_steps,
+            )
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            metrics["learning_rate"] = lr_schedule(s.step)
+            s = apply_gradients(s, grads, tx, config.ema_decay, config.ema_warmup)
+            return {"student": s, "teacher": state["teacher"]}, metrics
+
+    if config.targets == "precomputed":
+        source = TargetsSource(config.targets_path)
+
+        def make_iterator():
+            return make_train_iterator(
+                source,
+                global_batch_size=config.batch_size,
+                seed=config.seed,
+                worker_count=config.data.worker_count,
+            )
+    else:
+        make_iterator = common.iterator_factory(config)
+
+    def evaluate(state, step, out_dir):
+        return common.evaluate_digits_generator(
+            gen, state["student"].ema_params, config, step, out_dir
+        )
+
+    def sample(state, num, steps, cfg_scale, seed):
+        return common.generate(
+            gen,
+            state["student"].ema_params,
+            num=num,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            shift=config.eval.shift,
+            seed=seed,
+            image_shape=image_shape,
+        )
+
+    return common.Task(
+        config=config,
+        mesh=mesh,
+        init_state=init_state,
+        abstract_state=abstract_state,
+        train_step=common.jit_train_step(train_step, state_shardings, mesh),
+        make_iterator=make_iterator,
+        evaluate=evaluate,
+        sample=sample,
+    )
+
+
+# ------------------------------------------------------- precomputed targets
+def make_targets(
+    teacher_workdir: str,
+    out_path: str,
+    *,
+    num: int,
+    steps: int,
+    cfg_scale: float,
+    shift: float = 1.0,
+    first_seed: int = 0,
+    negative_label: int = -1,
+    chunk: int = 500,
+) -> dict:
+    """Solves the teacher ODE for rows `seed = first_seed + i`, `label = i mod C`.
+
+    Writes an .npz with `seed, label, target` and the settings `teacher_steps`,
+    `teacher_cfg`, `teacher_shift` (DiffSynth stores the same per row).
+    """
+    from apt_jax.tasks.runs import load_run
+
+    task, state, _ = load_run(teacher_workdir)
+    gen = common.class_conditional_generator(task.config)
+    _, image_shape = common.make_source(task.config)
+    settings = ml_collections.ConfigDict(
+        dict(teacher_steps=steps, teacher_shift=shift, teacher_negative_label=negative_label)
+    )
+    sigmas = teacher_sigmas(settings)
+
+    @jax.jit
+    def solve(params, seeds, labels):
+        z = noise_from_seeds(seeds, image_shape)
+        uncond = uncond_labels(labels, settings, gen.null_label)
+        return teacher_solution(
+            gen.velocity_fn(params), z, labels, uncond, sigmas=sigmas, cfg_scale=cfg_scale
+        )
+
+    seeds = (first_seed + np.arange(num)).astype(np.int32)
+    labels = common.sample_labels(num, gen.num_classes)
+    targets = np.concatenate(
+        [
+            np.asarray(solve(state.ema_params, seeds[i : i + chunk], labels[i : i + chunk]))
+            for i in range(0, num, chunk)
+        ]
+    )
+    rows = dict(
+        seed=seeds,
+        label=labels,
+        target=targets.astype(np.float32),
+        teacher_steps=np.int32(steps),
+        teacher_cfg=np.float32(cfg_scale),
+        teacher_shift=np.float32(shift),
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    np.savez(out_path, **rows)
+    return rows
