@@ -1,0 +1,48 @@
+"""Evaluate samples against the digits set: Frechet distance in pixel space and
+the accuracy of a fixed classifier fitted on the digits.
+
+  python launch/evaluate.py --samples A.npz [--samples B.npz ...] [--out_dir DIR]
+
+Prints a Markdown table and writes `results.json` and `results.md`.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+_SAMPLES = flags.DEFINE_multi_string("samples", None, ".npz files written by launch/sample.py.")
+_NAMES = flags.DEFINE_multi_string("name", None, "Row names (default: the file stems).")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write results.{json,md}.")
+flags.mark_flags_as_required(["samples"])
+
+
+def main(argv):
+    del argv
+    import numpy as np
+
+    from apt_jax.eval.grid import write_results
+    from apt_jax.eval.metrics import evaluate_digits
+
+    names = _NAMES.value or [os.path.splitext(os.path.basename(p))[0] for p in _SAMPLES.value]
+    if len(names) != len(_SAMPLES.value):
+        raise app.UsageError("Give one --name per --samples file.")
+    rows = []
+    for name, path in zip(names, _SAMPLES.value, strict=True):
+        with np.load(path) as f:
+            metrics = evaluate_digits(f["images"], f["labels"] if "labels" in f else None)
+        rows.append({"name": name, **metrics})
+    out_dir = _OUT_DIR.value or os.path.dirname(os.path.abspath(_SAMPLES.value[0]))
+    markdown = write_results(
+        rows,
+        os.path.join(out_dir, "results.json"),
+        os.path.join(out_dir, "results.md"),
+        columns=["name", "frechet_distance", "accuracy", "num_samples"],
+    )
+    print(markdown)
+
+
+if __name__ == "__main__":
+    app.run(main)
