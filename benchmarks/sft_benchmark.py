@@ -127,9 +127,8 @@ def main():
         for depth in (4, 24):
             *_, seconds = compile_step(bench_config(args.width, depth, scan, args.batch))
             secs.append(seconds)
-        print(
-            f"| {'on' if scan else 'off'} | {secs[0]:.1f} | {secs[1]:.1f} | {secs[1] / secs[0]:.2f} |"
-        )
+        label = "on" if scan else "off"
+        print(f"| {label} | {secs[0]:.1f} | {secs[1]:.1f} | {secs[1] / secs[0]:.2f} |")
 
 
 if __name__ == "__main__":
