@@ -1,0 +1,80 @@
+"""launch/sample.py and launch/evaluate.py contracts, and the demo pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from apt_jax.demo import run_demo
+from apt_jax.tasks import build_task
+from apt_jax.train.loop import train
+from configs import digits_sft
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sft")
+    config = digits_sft.get_config("tiny")
+    config.eval.num_samples = 20
+    config.eval.grid_rows = 2
+    train(build_task(config), str(workdir))
+    return workdir
+
+
+def launch(script, *args):
+    cmd = [sys.executable, os.path.join(REPO, "launch", script), *map(str, args)]
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_sample_and_evaluate_contract(run_dir, tmp_path):
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    launch("sample.py", "--workdir", run_dir, "--num", 23, "--steps", 2, "--out", a, "--seed", 5)
+    launch(
+        "sample.py",
+        "--workdir",
+        run_dir,
+        "--num",
+        23,
+        "--steps",
+        2,
+        "--out",
+        b,
+        "--seed",
+        5,
+        "--cfg",
+        2.0,
+    )
+    with np.load(a) as fa, np.load(b) as fb:
+        images, labels = fa["images"], fa["labels"]
+        assert images.shape == (23, 8, 8, 1) and images.dtype == np.float32
+        assert images.min() >= -1.0 and images.max() <= 1.0
+        np.testing.assert_array_equal(labels, np.arange(23) % 10)
+        assert not np.allclose(images, fb["images"])  # the guidance scale is used
+    a2 = tmp_path / "a2.npz"
+    launch("sample.py", "--workdir", run_dir, "--num", 23, "--steps", 2, "--out", a2, "--seed", 5)
+    with np.load(a) as fa, np.load(a2) as fa2:
+        np.testing.assert_array_equal(fa["images"], fa2["images"])  # --seed fixes the noise
+
+    stdout = launch("evaluate.py", "--samples", a, "--samples", b, "--out_dir", tmp_path)
+    assert "| a |" in stdout and "| b |" in stdout
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in rows] == ["a", "b"]
+    assert rows[0]["num_samples"] == 23 and 0.0 <= rows[0]["accuracy"] <= 1.0
+    assert (tmp_path / "results.md").exists()
+
+
+def test_demo_pipeline(tmp_path):
+    table = run_demo(str(tmp_path), num_samples=20, variant="tiny")
+    assert "teacher_25_steps" in table and "teacher_1_step" in table
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert all(np.isfinite(r["frechet_distance"]) for r in rows)
+    assert (tmp_path / "teacher_1_step.png").exists()
