@@ -20,7 +20,7 @@ def get_config(arg: str = "deterministic"):
     c.task = "distill"
     c.variant = variant
     c.teacher_workdir = ""
-    c.model = model_config("digits", patch_size=2)  # must equal the teacher's
+    c.model = model_config("digits")  # must equal the teacher's
 
     # Teacher ODE: N Euler steps, CFG g against the null class (or a fixed
     # negative label >= 0), on a shifted linear schedule.

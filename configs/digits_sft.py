@@ -12,12 +12,12 @@ from apt_jax.train.config import base_config, model_config
 def get_config(variant: str = ""):
     c = base_config()
     c.task = "sft"
-    c.total_steps = 1500
+    c.total_steps = 800
     c.batch_size = 128
     c.checkpoint_every = 500
     c.log_every = 50
     c.model = model_config("digits")
-    c.optimizer.learning_rate = 1e-3
+    c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 100
     c.optimizer.schedule = "cosine"
     c.ema_decay = 0.995

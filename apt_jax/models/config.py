@@ -286,10 +286,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         pooled_projection_dim=20,
         pos_embed_max_size=8,
     ),
-    # The embedded 8x8 digits: one pixel per token (64 image tokens).
+    # The embedded 8x8 digits: 2x2 patches, 16 image tokens (a 4x cheaper step
+    # than one pixel per token, at the same sample quality in our runs).
     "digits": dict(
         sample_size=8,
-        patch_size=1,
+        patch_size=2,
         in_channels=1,
         out_channels=1,
         num_layers=4,
