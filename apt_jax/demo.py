@@ -1,4 +1,12 @@
-"""The embedded demo as a library function (launch/demo.py is its entry point)."""
+"""The embedded demo as a library function (launch/demo.py is its entry point).
+
+Stages, each a normal run in `<workdir>/<stage>` (re-running resumes):
+  1. sft            the class-conditional MMDiT teacher (configs/digits_sft.py);
+  2. targets.npz    the teacher's 25-step ODE solutions for 4,000 seeds;
+  3. deterministic  the 1-step student, APT's generator initialisation
+                    (configs/digits_distill.py:deterministic, precomputed targets).
+Then every row is sampled with the same noise and labels and evaluated.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +19,12 @@ import numpy as np
 from apt_jax.eval.grid import save_png_grid, write_results
 from apt_jax.eval.metrics import evaluate_digits
 from apt_jax.tasks import build_task
+from apt_jax.tasks.distill import make_targets
 from apt_jax.tasks.runs import load_run
 from apt_jax.train.loop import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLUMNS = ["name", "steps", "frechet_distance", "accuracy", "num_samples", "stage_seconds"]
 
 
 def load_config(name: str, variant: str = ""):
@@ -35,24 +45,45 @@ def _evaluate_row(name, workdir, steps, num_samples, out_dir, seed=0):
     return {"name": name, "steps": steps, **metrics}
 
 
-def run_demo(workdir: str, num_samples: int = 1000, variant: str = "") -> str:
-    """Runs every stage into `workdir/<stage>` and returns the Markdown results table."""
+def run_demo(workdir: str, num_samples: int = 1000, tiny: bool = False) -> str:
+    """Runs every stage into `workdir/<stage>`; returns the Markdown results table."""
     os.makedirs(workdir, exist_ok=True)
-    timings = {}
-    sft_dir = os.path.join(workdir, "sft")
+    seconds = {}
+
     t0 = time.perf_counter()
-    train(build_task(load_config("digits_sft", variant)), sft_dir)
-    timings["sft"] = time.perf_counter() - t0
+    sft_dir = os.path.join(workdir, "sft")
+    train(build_task(load_config("digits_sft", "tiny" if tiny else "")), sft_dir)
+    seconds["sft"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    det_config = load_config("digits_distill", "deterministic,tiny" if tiny else "deterministic")
+    targets = os.path.join(workdir, "targets.npz")
+    if not os.path.exists(targets):
+        make_targets(
+            sft_dir,
+            targets,
+            num=64 if tiny else 4000,
+            steps=det_config.teacher_steps,
+            cfg_scale=det_config.teacher_cfg,
+            shift=det_config.teacher_shift,
+        )
+    det_config.teacher_workdir = sft_dir
+    det_config.targets = "precomputed"
+    det_config.targets_path = targets
+    det_dir = os.path.join(workdir, "deterministic")
+    train(build_task(det_config), det_dir)
+    seconds["deterministic"] = time.perf_counter() - t0
 
     rows = [
         _evaluate_row("teacher_25_steps", sft_dir, 25, num_samples, workdir),
         _evaluate_row("teacher_1_step", sft_dir, 1, num_samples, workdir),
+        _evaluate_row("deterministic_1_step", det_dir, 1, num_samples, workdir),
     ]
-    for row in rows:
-        row["train_seconds"] = round(timings["sft"], 1)
+    rows[0]["stage_seconds"] = round(seconds["sft"], 1)
+    rows[2]["stage_seconds"] = round(seconds["deterministic"], 1)
     return write_results(
         rows,
         os.path.join(workdir, "results.json"),
         os.path.join(workdir, "results.md"),
-        columns=["name", "steps", "frechet_distance", "accuracy", "num_samples", "train_seconds"],
+        columns=COLUMNS,
     )

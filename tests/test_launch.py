@@ -73,8 +73,8 @@ def test_sample_and_evaluate_contract(run_dir, tmp_path):
 
 
 def test_demo_pipeline(tmp_path):
-    table = run_demo(str(tmp_path), num_samples=20, variant="tiny")
-    assert "teacher_25_steps" in table and "teacher_1_step" in table
+    table = run_demo(str(tmp_path), num_samples=20, tiny=True)
+    assert "teacher_25_steps" in table and "deterministic_1_step" in table
     rows = json.loads((tmp_path / "results.json").read_text())
     assert all(np.isfinite(r["frechet_distance"]) for r in rows)
     assert (tmp_path / "teacher_1_step.png").exists()
