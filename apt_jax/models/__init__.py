@@ -3,6 +3,7 @@
 Only this package imports `flax.linen`; everything else moves plain pytrees.
 """
 
+from apt_jax.models.apt_discriminator import APTDiscriminator
 from apt_jax.models.class_conditional import ClassConditionalMMDiT
 from apt_jax.models.config import (
     RELEASED_PARAMETER_COUNTS,
@@ -10,6 +11,7 @@ from apt_jax.models.config import (
     MMDiTConfig,
     get_variant,
 )
+from apt_jax.models.discriminator import APTHeads, CrossAttentionHead, default_head_layers
 from apt_jax.models.label_embedder import LabelEmbedder
 from apt_jax.models.layout import stack_layers, unstack_layers
 from apt_jax.models.mmdit import (
@@ -22,6 +24,10 @@ from apt_jax.models.mmdit import (
 )
 
 __all__ = [
+    "APTDiscriminator",
+    "APTHeads",
+    "CrossAttentionHead",
+    "default_head_layers",
     "ClassConditionalMMDiT",
     "MMDiT",
     "MMDiTConfig",
