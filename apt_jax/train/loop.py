@@ -55,11 +55,13 @@ def train(task: Task, workdir: str) -> dict:
     writer = MetricWriter(workdir)
     eval_dir = os.path.join(workdir, "eval")
     total = config.total_steps
-    stopped_early = False
+    stopped_early, step = False, start
 
     # -------------------------------------------------------------------- loop
-    try:
-        with PreemptionGuard() as guard:
+    # The guard stays installed until in-flight saves are committed, so a
+    # SIGTERM at any point before that cannot leave a half-written checkpoint.
+    with PreemptionGuard() as guard:
+        try:
             bar = tqdm(
                 total=total,
                 initial=start,
@@ -93,11 +95,13 @@ def train(task: Task, workdir: str) -> dict:
                     stopped_early = True
                     break
             bar.close()
-    finally:
-        # Also on errors (a NaN, an interrupt): let in-flight saves finish, so the
-        # last good checkpoint is complete on disk.
-        ckpt.wait_until_finished()
-        ckpt.close()
+        finally:
+            # Also on errors (a NaN, an interrupt): let in-flight saves finish, so
+            # the last good checkpoint is complete on disk.
+            ckpt.wait_until_finished()
+            ckpt.close()
+        # A SIGTERM that arrived during the final save is honoured here.
+        stopped_early = stopped_early or guard.requested
 
     # ---------------------------------------------------------------- shutdown
     if stopped_early:
