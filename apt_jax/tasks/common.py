@@ -190,3 +190,27 @@ def evaluate_digits_generator(
         grid = images[: rows * gen.num_classes][order]
         save_png_grid(grid, os.path.join(out_dir, f"samples{tag}_step{step}.png"), nrow=rows)
     return {f"eval{tag}/{k}": v for k, v in metrics.items() if v is not None}
+
+
+def generator_functions(
+    gen: ClassConditionalMMDiT, config: ml_collections.ConfigDict, served_params: Callable
+) -> tuple[Callable, Callable]:
+    """The `evaluate` and `sample` of a Task whose generator is `served_params(state)`."""
+    _, image_shape = make_source(config)
+
+    def evaluate(state, step, out_dir):
+        return evaluate_digits_generator(gen, served_params(state), config, step, out_dir)
+
+    def sample(state, num, steps, cfg_scale, seed):
+        return generate(
+            gen,
+            served_params(state),
+            num=num,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            shift=config.eval.shift,
+            seed=seed,
+            image_shape=image_shape,
+        )
+
+    return evaluate, sample

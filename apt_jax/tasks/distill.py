@@ -253,22 +253,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     else:
         make_iterator = common.iterator_factory(config)
 
-    def evaluate(state, step, out_dir):
-        return common.evaluate_digits_generator(
-            gen, state["student"].ema_params, config, step, out_dir
-        )
-
-    def sample(state, num, steps, cfg_scale, seed):
-        return common.generate(
-            gen,
-            state["student"].ema_params,
-            num=num,
-            steps=steps,
-            cfg_scale=cfg_scale,
-            shift=config.eval.shift,
-            seed=seed,
-            image_shape=image_shape,
-        )
+    evaluate, sample = common.generator_functions(gen, config, lambda s: s["student"].ema_params)
 
     return common.Task(
         config=config,

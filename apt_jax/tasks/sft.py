@@ -72,21 +72,8 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
             metrics["learning_rate"] = lr_schedule(state.step)
             return apply_gradients(state, grads, tx, config.ema_decay, config.ema_warmup), metrics
 
-    def evaluate(state, step, out_dir):
-        return common.evaluate_digits_generator(gen, state.ema_params, config, step, out_dir)
-
-    def sample(state, num, steps, cfg_scale, seed):
-        _, image_shape = common.make_source(config)
-        return common.generate(
-            gen,
-            state.ema_params,
-            num=num,
-            steps=steps,
-            cfg_scale=cfg_scale,
-            shift=config.eval.shift,
-            seed=seed,
-            image_shape=image_shape,
-        )
+    # Samplers serve the EMA weights.
+    evaluate, sample = common.generator_functions(gen, config, lambda s: s.ema_params)
 
     return common.Task(
         config=config,
