@@ -59,13 +59,7 @@ def get_config(arg: str = "deterministic"):
         c.log_every = 2
         c.optimizer.warmup_steps = 1
         c.teacher_steps = 3
-        c.model = model_config(
-            "digits",
-            num_layers=2,
-            num_attention_heads=2,
-            attention_head_dim=16,
-            caption_projection_dim=32,
-        )
+        c.model = model_config("digits-tiny")
         c.eval.num_samples = 20
         c.eval.grid_rows = 2
         c.progress_bar = False

@@ -43,13 +43,7 @@ def get_config(variant: str = ""):
         c.checkpoint_every = 3
         c.log_every = 2
         c.optimizer.warmup_steps = 2
-        c.model = model_config(
-            "digits",
-            num_layers=2,
-            num_attention_heads=2,
-            attention_head_dim=16,
-            caption_projection_dim=32,
-        )
+        c.model = model_config("digits-tiny")
         c.eval.num_samples = 40
         c.eval.steps = 2
         c.eval.grid_rows = 4

@@ -301,6 +301,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
         pooled_projection_dim=64,
         pos_embed_max_size=8,
     ),
+    # The digits model shrunk for seconds-long smoke runs and tests (the ":tiny"
+    # config variants). SFT and distillation share it, so a tiny teacher and a
+    # tiny student always have the same shape.
+    "digits-tiny": dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=1,
+        out_channels=1,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=8,
+    ),
     # Moving digits: 16x16 clips, 2x2 spatial patches, one frame per patch.
     "digits-video": dict(
         sample_size=16,
