@@ -12,17 +12,7 @@ from apt_jax.tasks.distill import make_targets, uncond_labels
 from apt_jax.tasks.runs import load_run
 from apt_jax.train import sharding
 from apt_jax.train.loop import train
-from configs import digits_distill, digits_sft
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("teacher")
-    config = digits_sft.get_config("tiny")
-    config.eval.num_samples = 20
-    config.eval.grid_rows = 2
-    train(build_task(config), str(workdir))
-    return str(workdir)
+from configs import digits_distill
 
 
 def distill_config(teacher_dir, variant="deterministic", **overrides):

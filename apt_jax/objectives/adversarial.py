@@ -69,6 +69,18 @@ def r1_exact(logits_fn: LogitsFn, x: jax.Array) -> jax.Array:
     return _per_sample_sq_norm(_input_grad(logits_fn, x))
 
 
+def r1_exact_and_logits(logits_fn: LogitsFn, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(r1_exact(logits_fn, x), logits_fn(x))` from one forward and one backward pass.
+
+    A D loss needs the real logits as well as the penalty; `jax.vjp` gives both
+    from the same forward pass instead of running D on the real batch twice.
+    Both outputs are differentiable w.r.t. what `logits_fn` closes over.
+    """
+    logits, pullback = jax.vjp(lambda y: _f32(logits_fn(y)), x)
+    (g,) = pullback(jnp.ones_like(logits))
+    return _per_sample_sq_norm(g), logits
+
+
 def r1_approx(
     logits_fn: LogitsFn,
     x: jax.Array,

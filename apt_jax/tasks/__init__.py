@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from apt_jax.tasks import distill, sft
+from apt_jax.tasks import apt, distill, sft
 from apt_jax.tasks.common import Task
 
-BUILDERS = {"sft": sft.build, "distill": distill.build}
+BUILDERS = {"sft": sft.build, "distill": distill.build, "apt": apt.build}
 
 
 def build_task(config: ml_collections.ConfigDict, mesh=None) -> Task:

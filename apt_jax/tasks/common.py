@@ -42,6 +42,8 @@ class Task:
         grid and returns scalar metrics.
       sample: `(state, num, steps, cfg_scale, seed) -> (images, labels)` with
         the generator the run serves (EMA weights where kept).
+      served_params: `state -> params` of that generator (what later stages
+        start from: distillation's teacher, APT's generator and discriminator).
     """
 
     config: ml_collections.ConfigDict
@@ -52,6 +54,7 @@ class Task:
     make_iterator: Callable
     evaluate: Callable
     sample: Callable
+    served_params: Callable
 
 
 def sharded_init(init_boxed: Callable, mesh: Mesh, rules) -> tuple[Callable, Any, Any]:

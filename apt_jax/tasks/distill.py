@@ -49,17 +49,18 @@ TARGETS = ("on_the_fly", "precomputed")
 
 
 # ------------------------------------------------------------------- teacher
-def _teacher_config(teacher_workdir: str) -> ml_collections.ConfigDict:
+def run_config(workdir: str, key: str = "teacher_workdir") -> ml_collections.ConfigDict:
+    """The stored config of the run in `workdir`, named by `config.<key>`; errors say how to fix."""
     from apt_jax.train.checkpoint import read_config
 
-    if not teacher_workdir:
-        raise ValueError("config.teacher_workdir is empty: pass --config.teacher_workdir=DIR.")
-    if not os.path.isdir(os.path.join(teacher_workdir, "checkpoints")):
+    if not workdir:
+        raise ValueError(f"config.{key} is empty: pass --config.{key}=DIR.")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise ValueError(
-            f"config.teacher_workdir={teacher_workdir!r} holds no checkpoints; train the "
-            "teacher first (configs/digits_sft.py) or fix the path."
+            f"config.{key}={workdir!r} holds no checkpoints; train that run first "
+            "(see the README's recipes) or fix the path."
         )
-    return ml_collections.ConfigDict(read_config(teacher_workdir))
+    return ml_collections.ConfigDict(read_config(workdir))
 
 
 def check_same_model(config, teacher_config, what: str = "teacher") -> None:
@@ -107,7 +108,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError("config.student_steps must be >= 1 for direct distillation.")
     if config.targets == "precomputed":
         _check_targets_file(config)
-    teacher_config = _teacher_config(config.teacher_workdir)
+    teacher_config = run_config(config.teacher_workdir)
     check_same_model(config, teacher_config)
     return teacher_config
 
@@ -191,8 +192,8 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
         del rng  # the student is the teacher's copy
         from apt_jax.tasks.runs import load_run
 
-        _, teacher_state, _ = load_run(config.teacher_workdir, mesh=mesh)
-        return from_teacher(teacher_state.ema_params)
+        teacher_task, teacher_state, _ = load_run(config.teacher_workdir, mesh=mesh)
+        return from_teacher(teacher_task.served_params(teacher_state))
 
     t_sigmas = teacher_sigmas(config)
     s_sigmas = sampling.shifted_linear_sigmas(config.student_steps, config.student_shift)
@@ -253,7 +254,8 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     else:
         make_iterator = common.iterator_factory(config)
 
-    evaluate, sample = common.generator_functions(gen, config, lambda s: s["student"].ema_params)
+    served_params = lambda s: s["student"].ema_params  # noqa: E731
+    evaluate, sample = common.generator_functions(gen, config, served_params)
 
     return common.Task(
         config=config,
@@ -264,6 +266,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
         make_iterator=make_iterator,
         evaluate=evaluate,
         sample=sample,
+        served_params=served_params,
     )
 
 
@@ -303,11 +306,12 @@ def make_targets(
             gen.velocity_fn(params), z, labels, uncond, sigmas=sigmas, cfg_scale=cfg_scale
         )
 
+    params = task.served_params(state)
     seeds = (first_seed + np.arange(num)).astype(np.int32)
     labels = common.sample_labels(num, gen.num_classes)
     targets = np.concatenate(
         [
-            np.asarray(solve(state.ema_params, seeds[i : i + chunk], labels[i : i + chunk]))
+            np.asarray(solve(params, seeds[i : i + chunk], labels[i : i + chunk]))
             for i in range(0, num, chunk)
         ]
     )

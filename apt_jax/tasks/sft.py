@@ -73,7 +73,8 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
             return apply_gradients(state, grads, tx, config.ema_decay, config.ema_warmup), metrics
 
     # Samplers serve the EMA weights.
-    evaluate, sample = common.generator_functions(gen, config, lambda s: s.ema_params)
+    served_params = lambda s: s.ema_params  # noqa: E731
+    evaluate, sample = common.generator_functions(gen, config, served_params)
 
     return common.Task(
         config=config,
@@ -84,4 +85,5 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
         make_iterator=common.iterator_factory(config),
         evaluate=evaluate,
         sample=sample,
+        served_params=served_params,
     )

@@ -85,7 +85,9 @@ def train(task: Task, workdir: str) -> dict:
                     metrics["steps_per_second"] = (step - s_last) / max(now - t_last, 1e-9)
                     t_last, s_last = now, step
                     writer.write_scalars(step, metrics)
-                    bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+                    bar.set_postfix(
+                        {k: f"{v:.4f}" for k, v in metrics.items() if k.endswith("loss")}
+                    )
                 if save:
                     ckpt.save(step, state, data_iterator=it, config=config, force=stop)
                 if config.eval_every and step % config.eval_every == 0 and step != total:

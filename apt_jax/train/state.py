@@ -24,7 +24,8 @@ class TrainState:
     Attributes:
       step: int32 scalar, number of optimizer updates applied.
       params: the trained parameter pytree.
-      ema_params: exponential moving average of `params` (what samplers use).
+      ema_params: exponential moving average of `params` (what samplers use), or
+        None for a network nobody samples (APT's discriminator): no copy kept.
       opt_state: optax state of `params`.
     """
 
@@ -34,12 +35,14 @@ class TrainState:
     opt_state: Any
 
 
-def create_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
-    """A fresh state: step 0, EMA equal to the parameters."""
+def create_train_state(
+    params: Any, tx: optax.GradientTransformation, ema: bool = True
+) -> TrainState:
+    """A fresh state: step 0, EMA equal to the parameters (None without `ema`)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        ema_params=jax.tree.map(jnp.copy, params),
+        ema_params=jax.tree.map(jnp.copy, params) if ema else None,
         opt_state=tx.init(params),
     )
 
@@ -67,6 +70,8 @@ def apply_gradients(
     """One optimizer update and one EMA update (`ema = d * ema + (1 - d) * params`)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if state.ema_params is None:
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     d = ema_decay_at(state.step, ema_decay, ema_warmup)
     ema = jax.tree.map(
         lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype),

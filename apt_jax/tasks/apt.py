@@ -1,0 +1,218 @@
+"""Adversarial post-training (Seaweed-APT) of a one-step generator against real data.
+
+The generator `G(z, c) = z - v(z, 1, c)` starts from a distilled one-step
+student (`config.generator_workdir`, normally the deterministic-distillation
+run); the discriminator (`APTDiscriminator`) starts from the diffusion teacher
+(`config.teacher_workdir`), backbone copied, heads fresh. Both are trained.
+
+State: `{"generator": TrainState (params, EMA, optimizer), "discriminator":
+TrainState (params, optimizer; no EMA: nobody samples D)}`.
+
+One jitted step, D first, then G:
+  1. `x_hat = G(z, c)` once, keeping the pullback (`jax.vjp`) of G.
+  2. D update on real `x` and `stop_gradient(x_hat)`
+     (`apt_jax.objectives.apt.discriminator_loss`, with R1 per `r1_mode`).
+  3. G update: the gradient of `generator_loss` w.r.t. `x_hat` through the
+     *updated* D, pulled back through step 1's pullback.
+D goes first so that G's update follows a D that has just seen G's current
+samples (the usual alternation, and the paper's). G's parameters do not
+change between steps 1 and 3, so its forward pass is shared: the step costs one
+G forward and one G backward, not two forwards. The price is that G's
+activations stay alive through D's update (use `model.remat_policy` when
+memory is short).
+
+The labels of the generated batch are the real batch's (sample i of each has
+the same class), which is what the relativistic loss pairs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from apt_jax import sampling
+from apt_jax.models import APTDiscriminator
+from apt_jax.models.partitioning import axis_rules, logical_shardings, unbox
+from apt_jax.objectives.apt import APTLossSettings, discriminator_loss, generator_loss
+from apt_jax.tasks import common
+from apt_jax.tasks.distill import check_same_model, run_config
+from apt_jax.train import sharding
+from apt_jax.train.config import validate_common
+from apt_jax.train.optim import make_optimizer, make_schedule
+from apt_jax.train.state import apply_gradients, create_train_state
+
+ROLES = ("generator", "discriminator")
+
+
+def loss_settings(config: ml_collections.ConfigDict) -> APTLossSettings:
+    """The `APTLossSettings` of `config` (validated on construction)."""
+    exact_weight = config.r1_exact_weight
+    return APTLossSettings(
+        loss=config.loss,
+        r1_mode=config.r1_mode,
+        r2_mode=config.r2_mode,
+        r1_weight=config.r1_weight,
+        r1_sigma=config.r1_sigma,
+        r1_exact_weight=None if exact_weight is None or exact_weight < 0 else exact_weight,
+        gp_weight=config.gp_weight,
+        d_timestep_shift=config.d_timestep_shift,
+    )
+
+
+def step_rngs(rng: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The keys of step `step`: (G's noise z, D's loss, G's loss)."""
+    r_z, r_d, r_g = jax.random.split(jax.random.fold_in(rng, step), 3)
+    return r_z, r_d, r_g
+
+
+def make_discriminator(config: ml_collections.ConfigDict) -> APTDiscriminator:
+    layers = tuple(config.d_head_layers) or None
+    return APTDiscriminator(
+        common.class_conditional_generator(config).config,
+        config.num_classes,
+        config.context_tokens,
+        head_layers=layers,
+    )
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the config and both source runs, before anything is compiled."""
+    validate_common(config)
+    loss_settings(config)
+    make_discriminator(config)  # head layers within the depth
+    for role in ROLES:
+        opt = config[f"{role}_optimizer"]
+        if opt.get("accumulation_steps", 1) != 1:
+            raise ValueError(
+                f"config.{role}_optimizer.accumulation_steps must be 1: the APT step updates "
+                "D and G once each per batch. Lower config.batch_size or add devices instead."
+            )
+    for key, what in (("teacher_workdir", "teacher"), ("generator_workdir", "generator")):
+        check_same_model(config, run_config(config[key], key), what)
+
+
+def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
+    validate(config)
+    mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
+    rules = config.logical_axis_rules
+    gen = common.class_conditional_generator(config)
+    disc = make_discriminator(config)
+    settings = loss_settings(config)
+    total = config.total_steps
+    g_tx = make_optimizer(config.generator_optimizer, total)
+    d_tx = make_optimizer(config.discriminator_optimizer, total)
+    g_lr = make_schedule(config.generator_optimizer, total)
+    d_lr = make_schedule(config.discriminator_optimizer, total)
+    impl = config.model.attention_implementation
+
+    # ------------------------------------------------------------ sharded state
+    def boxed_init(rng):
+        return {
+            "generator": create_train_state(gen.init_boxed(rng), g_tx),
+            "discriminator": create_train_state(disc.init_boxed(rng), d_tx, ema=False),
+        }
+
+    boxed_state = jax.eval_shape(boxed_init, jax.random.key(0))
+    state_shardings = logical_shardings(boxed_state, mesh, rules)
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        unbox(boxed_state),
+        state_shardings,
+    )
+    gen_shardings = state_shardings["generator"].params
+
+    def _assemble(rng, teacher, generator):
+        d_params = unbox(disc.init_boxed(rng, teacher))
+        return {
+            "generator": create_train_state(generator, g_tx),
+            "discriminator": create_train_state(d_params, d_tx, ema=False),
+        }
+
+    assemble = jax.jit(
+        _assemble,
+        in_shardings=(sharding.replicated(mesh), gen_shardings, gen_shardings),
+        out_shardings=state_shardings,
+    )
+
+    def init_state(rng):
+        """G from the generator run's served weights, D's backbone from the teacher's."""
+        from apt_jax.tasks.runs import load_run
+
+        t_task, t_state, _ = load_run(config.teacher_workdir, mesh=mesh)
+        g_task, g_state, _ = load_run(config.generator_workdir, mesh=mesh)
+        return assemble(rng, t_task.served_params(t_state), g_task.served_params(g_state))
+
+    # -------------------------------------------------------------------- step
+    def generate(g_params, z, labels):
+        return sampling.one_step_generate(gen.velocity_fn(g_params), z, labels)
+
+    def train_step(state, batch, rng):
+        with axis_rules(rules, mesh):
+            g, d = state["generator"], state["discriminator"]
+            r_z, r_d, r_g = step_rngs(rng, g.step)
+            real, labels = batch["image"], batch["label"]
+            z = jax.random.normal(r_z, real.shape, real.dtype)
+
+            # 1. G's samples and their pullback.
+            fake, g_pullback = jax.vjp(lambda p: generate(p, z, labels), g.params)
+
+            # 2. D update.
+            def d_loss(p):
+                return discriminator_loss(
+                    disc,
+                    settings,
+                    p,
+                    real,
+                    jax.lax.stop_gradient(fake),
+                    labels,
+                    r_d,
+                    attention_implementation=impl,
+                )
+
+            d_grads, d_metrics = jax.grad(d_loss, has_aux=True)(d.params)
+            new_d = apply_gradients(d, d_grads, d_tx, ema_decay=0.0)  # D keeps no EMA
+
+            # 3. G update through the updated D.
+            def g_loss(x_hat):
+                return generator_loss(
+                    disc,
+                    settings,
+                    new_d.params,
+                    x_hat,
+                    real,
+                    labels,
+                    r_g,
+                    attention_implementation=impl,
+                )
+
+            fake_grad, g_metrics = jax.grad(g_loss, has_aux=True)(fake)
+            (g_grads,) = g_pullback(fake_grad)
+            new_g = apply_gradients(g, g_grads, g_tx, config.ema_decay, config.ema_warmup)
+
+            metrics = {**d_metrics, **g_metrics}
+            metrics.update(
+                d_grad_norm=optax.tree.norm(d_grads),
+                g_grad_norm=optax.tree.norm(g_grads),
+                d_learning_rate=d_lr(d.step),
+                g_learning_rate=g_lr(g.step),
+                fake_std=jnp.std(fake),
+            )
+            return {"generator": new_g, "discriminator": new_d}, metrics
+
+    served_params = lambda s: s["generator"].ema_params  # noqa: E731
+    evaluate, sample = common.generator_functions(gen, config, served_params)
+
+    return common.Task(
+        config=config,
+        mesh=mesh,
+        init_state=init_state,
+        abstract_state=abstract_state,
+        train_step=common.jit_train_step(train_step, state_shardings, mesh),
+        make_iterator=common.iterator_factory(config),
+        evaluate=evaluate,
+        sample=sample,
+        served_params=served_params,
+    )
