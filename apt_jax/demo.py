@@ -4,8 +4,11 @@ Stages, each a normal run in `<workdir>/<stage>` (re-running resumes):
   1. sft            the class-conditional MMDiT teacher (configs/digits_sft.py);
   2. targets.npz    the teacher's 25-step ODE solutions for 4,000 seeds;
   3. deterministic  the 1-step student, APT's generator initialisation
-                    (configs/digits_distill.py:deterministic, precomputed targets).
-Then every row is sampled with the same noise and labels and evaluated.
+                    (configs/digits_distill.py:deterministic, precomputed targets);
+  4. apt            adversarial post-training of that student against the
+                    digits, D from the teacher (configs/digits_apt.py).
+Then every row is sampled with the same noise and labels and evaluated, and
+`comparison.png` shows the rows' first ten samples (digits 0-9) one row each.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ def load_config(name: str, variant: str = ""):
 
 
 def _evaluate_row(name, workdir, steps, num_samples, out_dir, seed=0):
+    """Samples and evaluates one row; returns (row dict, its first ten images)."""
     task, state, _ = load_run(workdir)
     images, labels = task.sample(state, num_samples, steps, task.config.eval.cfg_scale, seed)
     metrics = evaluate_digits(images, labels)
     order = np.argsort(labels[:100], kind="stable")
     save_png_grid(images[:100][order], os.path.join(out_dir, f"{name}.png"), nrow=10)
-    return {"name": name, "steps": steps, **metrics}
+    return {"name": name, "steps": steps, **metrics}, images[:10]
 
 
 def run_demo(workdir: str, num_samples: int = 1000, tiny: bool = False) -> str:
@@ -74,13 +78,31 @@ def run_demo(workdir: str, num_samples: int = 1000, tiny: bool = False) -> str:
     train(build_task(det_config), det_dir)
     seconds["deterministic"] = time.perf_counter() - t0
 
-    rows = [
+    t0 = time.perf_counter()
+    apt_config = load_config("digits_apt", "tiny" if tiny else "")
+    apt_config.teacher_workdir = sft_dir
+    apt_config.generator_workdir = det_dir
+    apt_dir = os.path.join(workdir, "apt")
+    train(build_task(apt_config), apt_dir)
+    seconds["apt"] = time.perf_counter() - t0
+
+    evaluated = [
         _evaluate_row("teacher_25_steps", sft_dir, 25, num_samples, workdir),
         _evaluate_row("teacher_1_step", sft_dir, 1, num_samples, workdir),
         _evaluate_row("deterministic_1_step", det_dir, 1, num_samples, workdir),
+        _evaluate_row(f"apt_{apt_config.r1_mode}_r1_1_step", apt_dir, 1, num_samples, workdir),
     ]
+    rows = [row for row, _ in evaluated]
+    # Labels are i mod 10 and the noise depends on the seed only: the first ten
+    # samples of every row are digits 0-9 from the same noise.
+    save_png_grid(
+        np.concatenate([first_ten for _, first_ten in evaluated]),
+        os.path.join(workdir, "comparison.png"),
+        nrow=10,
+    )
     rows[0]["stage_seconds"] = round(seconds["sft"], 1)
     rows[2]["stage_seconds"] = round(seconds["deterministic"], 1)
+    rows[3]["stage_seconds"] = round(seconds["apt"], 1)
     return write_results(
         rows,
         os.path.join(workdir, "results.json"),

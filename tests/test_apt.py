@@ -89,9 +89,9 @@ def test_discriminator_loss_is_its_formula(loss_inputs):
     @jax.jit
     def reference(p):
         """The same quantities from the primitives, with the key layout the docstring fixes."""
-        r_real, r_fake, r_eps1, _, r_gp = jax.random.split(rng, 5)
-        real_fn = disc.logits_fn(p, labels, r_real, shift=0.5, attention_implementation="xla")
-        lr, lf = real_fn(real), _logits(disc, p, fake, labels, r_fake, 0.5)
+        r_noise, r_eps1, _, r_gp = jax.random.split(rng, 4)  # real and fake share r_noise
+        real_fn = disc.logits_fn(p, labels, r_noise, shift=0.5, attention_implementation="xla")
+        lr, lf = real_fn(real), _logits(disc, p, fake, labels, r_noise, 0.5)
         losses = {
             "nonsaturating": jax.nn.softplus(-lr) + jax.nn.softplus(lf),
             "relativistic": jax.nn.softplus(-(lr - lf)),
@@ -115,9 +115,8 @@ def test_discriminator_loss_is_its_formula(loss_inputs):
 def test_generator_loss_is_its_formula(loss_inputs):
     disc, params, real, fake, labels = loss_inputs
     rng = jax.random.key(3)
-    r_fake, r_real = jax.random.split(rng)
-    lf = _logits(disc, params, fake, labels, r_fake, 1.0)
-    lr = _logits(disc, params, real, labels, r_real, 1.0)
+    lf = _logits(disc, params, fake, labels, rng, 1.0)  # pairs share D's noise
+    lr = _logits(disc, params, real, labels, rng, 1.0)
     for loss, want in [
         ("nonsaturating", jax.nn.softplus(-lf)),
         ("relativistic", jax.nn.softplus(-(lf - lr))),

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from apt_jax.demo import run_demo
 from apt_jax.tasks import build_task
@@ -74,7 +75,12 @@ def test_sample_and_evaluate_contract(run_dir, tmp_path):
 
 def test_demo_pipeline(tmp_path):
     table = run_demo(str(tmp_path), num_samples=20, tiny=True)
-    assert "teacher_25_steps" in table and "deterministic_1_step" in table
     rows = json.loads((tmp_path / "results.json").read_text())
+    names = ["teacher_25_steps", "teacher_1_step", "deterministic_1_step", "apt_approx_r1_1_step"]
+    assert [r["name"] for r in rows] == names
+    assert all(name in table for name in names)
     assert all(np.isfinite(r["frechet_distance"]) for r in rows)
     assert (tmp_path / "teacher_1_step.png").exists()
+    # Four rows of ten 8x8 digits, upscaled 4x with 1-pixel padding.
+    comparison = np.asarray(Image.open(tmp_path / "comparison.png"))
+    assert comparison.shape[:2] == (4 * 33 + 1, 10 * 33 + 1)

@@ -1,5 +1,6 @@
 """The training system: sharded steps, resume, safety rails, the SFT recipe."""
 
+import json
 import os
 import signal
 import subprocess
@@ -217,3 +218,7 @@ def test_launch_train_subprocess(tmp_path):
     assert os.path.exists(tmp_path / "checkpoints" / "4")
     assert os.path.exists(tmp_path / "eval" / "samples_step4.png")
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+    with open(tmp_path / "metrics.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    assert [r["step"] for r in lines if "loss" in r] == [2, 3, 4]  # log_every=2, and saves
+    assert np.isfinite(lines[-1]["eval/frechet_distance"])

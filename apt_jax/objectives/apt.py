@@ -15,9 +15,13 @@ plus the R1 penalty on real samples (and optionally R2 on generated ones):
   r1_mode="none"
 
 `D(x)` is `APTDiscriminator.noised_logits`: x is noised inside D at one
-`t ~ shift(U(0, 1), d_timestep_shift)` per sample. The penalties see the same
-t and noise as the loss term on the same samples (one rng per sample set), so
-they measure D's smoothness in x, not its noise.
+`t ~ shift(U(0, 1), d_timestep_shift)` per sample. Real sample i and generated
+sample i share their t and noise (one key for both): `D(x) = E_t D_hat(x_t, t)`
+holds for any coupling of the two estimates, and comparing the pair at the same
+noise level removes the noise level's effect on the logit from the difference
+the losses see (common random numbers; lower-variance gradients). The penalties
+see the same t and noise as the loss terms, so they measure D's smoothness in
+x, not its noise.
 """
 
 from __future__ import annotations
@@ -160,7 +164,7 @@ def discriminator_loss(
       `real_logits`, `fake_logits` (means), `d_accuracy` (fraction of real
       logits > 0 and fake logits < 0).
     """
-    r_real, r_fake, r_eps1, r_eps2, r_gp = jax.random.split(rng, 5)
+    r_noise, r_eps1, r_eps2, r_gp = jax.random.split(rng, 4)  # r_noise: real and fake
     real_pen, r1, real_logits = _penalty(
         settings.r1_mode,
         settings,
@@ -168,7 +172,7 @@ def discriminator_loss(
         params,
         real,
         labels,
-        r_real,
+        r_noise,
         r_eps1,
         None,
         attention_implementation,
@@ -180,7 +184,7 @@ def discriminator_loss(
         params,
         fake,
         labels,
-        r_fake,
+        r_noise,
         r_eps2,
         None,
         attention_implementation,
@@ -193,7 +197,7 @@ def discriminator_loss(
         fn = disc.logits_fn(
             params,
             labels,
-            r_real,
+            r_noise,
             shift=settings.d_timestep_shift,
             attention_implementation=settings.exact_attention,
         )
@@ -228,13 +232,12 @@ def generator_loss(
     `real` `(B, ...)` is read only by the relativistic loss (paired by index).
     Returns (scalar loss, {"g_loss"}).
     """
-    r_fake, r_real = jax.random.split(rng)
     kw = dict(shift=settings.d_timestep_shift, attention_implementation=attention_implementation)
-    fake_logits = disc.noised_logits(d_params, fake, labels, r_fake, **kw)
+    fake_logits = disc.noised_logits(d_params, fake, labels, rng, **kw)
     if settings.loss == "nonsaturating":
         per_sample = adv.g_loss_nonsaturating(fake_logits)
     elif settings.loss == "relativistic":
-        real_logits = disc.noised_logits(d_params, real, labels, r_real, **kw)
+        real_logits = disc.noised_logits(d_params, real, labels, rng, **kw)  # paired noise
         per_sample = adv.g_loss_relativistic(jax.lax.stop_gradient(real_logits), fake_logits)
     else:
         per_sample = adv.wgan_g_loss(fake_logits)

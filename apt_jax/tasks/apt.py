@@ -27,13 +27,15 @@ the same class), which is what the relativistic loss pairs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from apt_jax import sampling
-from apt_jax.models import APTDiscriminator
+from apt_jax.models import APTDiscriminator, ClassConditionalMMDiT
 from apt_jax.models.partitioning import axis_rules, logical_shardings, unbox
 from apt_jax.objectives.apt import APTLossSettings, discriminator_loss, generator_loss
 from apt_jax.tasks import common
@@ -93,6 +95,79 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check_same_model(config, run_config(config[key], key), what)
 
 
+@dataclasses.dataclass(frozen=True)
+class APTStep:
+    """`(state, batch, rng) -> (state, metrics)`: one D update, then one G update.
+
+    A pure function of its arguments (jit it; `build` does, with shardings).
+    `batch` is `{"image": (B, ...), "label": (B,)}`; `state` is
+    `{"generator": TrainState, "discriminator": TrainState}`. The key of step n
+    is `step_rngs(rng, n)` (n = G's update count).
+    """
+
+    gen: ClassConditionalMMDiT
+    disc: APTDiscriminator
+    settings: APTLossSettings
+    g_tx: optax.GradientTransformation
+    d_tx: optax.GradientTransformation
+    ema_decay: float
+    ema_warmup: bool = True
+    attention_implementation: str | None = None
+
+    def generate(self, g_params, z, labels):
+        """`G(z, c) = z - v(z, 1, c)`, `(B, ...)`."""
+        return sampling.one_step_generate(self.gen.velocity_fn(g_params), z, labels)
+
+    def discriminator_update(self, d, real, fake, labels, rng):
+        """D's TrainState after one update on real and (stopped) generated samples."""
+
+        def d_loss(p):
+            return discriminator_loss(
+                self.disc,
+                self.settings,
+                p,
+                real,
+                jax.lax.stop_gradient(fake),
+                labels,
+                rng,
+                attention_implementation=self.attention_implementation,
+            )
+
+        grads, metrics = jax.grad(d_loss, has_aux=True)(d.params)
+        metrics["d_grad_norm"] = optax.tree.norm(grads)
+        return apply_gradients(d, grads, self.d_tx, ema_decay=0.0), metrics  # no EMA kept
+
+    def __call__(self, state, batch, rng):
+        g, d = state["generator"], state["discriminator"]
+        r_z, r_d, r_g = step_rngs(rng, g.step)
+        real, labels = batch["image"], batch["label"]
+        z = jax.random.normal(r_z, real.shape, real.dtype)
+
+        # 1. G's samples and their pullback.
+        fake, g_pullback = jax.vjp(lambda p: self.generate(p, z, labels), g.params)
+        # 2. D update.
+        new_d, metrics = self.discriminator_update(d, real, fake, labels, r_d)
+
+        # 3. G update through the updated D.
+        def g_loss(x_hat):
+            return generator_loss(
+                self.disc,
+                self.settings,
+                new_d.params,
+                x_hat,
+                real,
+                labels,
+                r_g,
+                attention_implementation=self.attention_implementation,
+            )
+
+        fake_grad, g_metrics = jax.grad(g_loss, has_aux=True)(fake)
+        (g_grads,) = g_pullback(fake_grad)
+        new_g = apply_gradients(g, g_grads, self.g_tx, self.ema_decay, self.ema_warmup)
+        metrics.update(g_metrics, g_grad_norm=optax.tree.norm(g_grads), fake_std=jnp.std(fake))
+        return {"generator": new_g, "discriminator": new_d}, metrics
+
+
 def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     validate(config)
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
@@ -106,7 +181,6 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     d_tx = make_optimizer(config.discriminator_optimizer, total)
     g_lr = make_schedule(config.generator_optimizer, total)
     d_lr = make_schedule(config.discriminator_optimizer, total)
-    impl = config.model.attention_implementation
 
     # ------------------------------------------------------------ sharded state
     def boxed_init(rng):
@@ -146,61 +220,23 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
         return assemble(rng, t_task.served_params(t_state), g_task.served_params(g_state))
 
     # -------------------------------------------------------------------- step
-    def generate(g_params, z, labels):
-        return sampling.one_step_generate(gen.velocity_fn(g_params), z, labels)
+    step = APTStep(
+        gen,
+        disc,
+        settings,
+        g_tx,
+        d_tx,
+        config.ema_decay,
+        config.ema_warmup,
+        config.model.attention_implementation,
+    )
 
     def train_step(state, batch, rng):
         with axis_rules(rules, mesh):
-            g, d = state["generator"], state["discriminator"]
-            r_z, r_d, r_g = step_rngs(rng, g.step)
-            real, labels = batch["image"], batch["label"]
-            z = jax.random.normal(r_z, real.shape, real.dtype)
-
-            # 1. G's samples and their pullback.
-            fake, g_pullback = jax.vjp(lambda p: generate(p, z, labels), g.params)
-
-            # 2. D update.
-            def d_loss(p):
-                return discriminator_loss(
-                    disc,
-                    settings,
-                    p,
-                    real,
-                    jax.lax.stop_gradient(fake),
-                    labels,
-                    r_d,
-                    attention_implementation=impl,
-                )
-
-            d_grads, d_metrics = jax.grad(d_loss, has_aux=True)(d.params)
-            new_d = apply_gradients(d, d_grads, d_tx, ema_decay=0.0)  # D keeps no EMA
-
-            # 3. G update through the updated D.
-            def g_loss(x_hat):
-                return generator_loss(
-                    disc,
-                    settings,
-                    new_d.params,
-                    x_hat,
-                    real,
-                    labels,
-                    r_g,
-                    attention_implementation=impl,
-                )
-
-            fake_grad, g_metrics = jax.grad(g_loss, has_aux=True)(fake)
-            (g_grads,) = g_pullback(fake_grad)
-            new_g = apply_gradients(g, g_grads, g_tx, config.ema_decay, config.ema_warmup)
-
-            metrics = {**d_metrics, **g_metrics}
-            metrics.update(
-                d_grad_norm=optax.tree.norm(d_grads),
-                g_grad_norm=optax.tree.norm(g_grads),
-                d_learning_rate=d_lr(d.step),
-                g_learning_rate=g_lr(g.step),
-                fake_std=jnp.std(fake),
-            )
-            return {"generator": new_g, "discriminator": new_d}, metrics
+            new_state, metrics = step(state, batch, rng)
+            metrics["d_learning_rate"] = d_lr(state["discriminator"].step)
+            metrics["g_learning_rate"] = g_lr(state["generator"].step)
+            return new_state, metrics
 
     served_params = lambda s: s["generator"].ema_params  # noqa: E731
     evaluate, sample = common.generator_functions(gen, config, served_params)
