@@ -118,9 +118,9 @@ def main():
             t0, m0 = results[remat, "approx"][part]
             for mode in ("approx", "exact", "none"):
                 t, m = results[remat, mode][part]
-                print(
-                    f"| {remat} | {mode} | {t:.3f} | {m / 2**20:.1f} | {t / t0:.2f} | {m / m0:.2f} |"
-                )
+                mib = m / 2**20
+                cells = [remat, mode, f"{t:.3f}", f"{mib:.1f}", f"{t / t0:.2f}", f"{m / m0:.2f}"]
+                print("| " + " | ".join(cells) + " |")
         print()
 
 

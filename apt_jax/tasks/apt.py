@@ -36,10 +36,9 @@ import optax
 
 from apt_jax import sampling
 from apt_jax.models import APTDiscriminator, ClassConditionalMMDiT
-from apt_jax.models.partitioning import axis_rules, logical_shardings, unbox
+from apt_jax.models.partitioning import axis_rules, unbox
 from apt_jax.objectives.apt import APTLossSettings, discriminator_loss, generator_loss
 from apt_jax.tasks import common
-from apt_jax.tasks.distill import check_same_model, run_config
 from apt_jax.train import sharding
 from apt_jax.train.config import validate_common
 from apt_jax.train.optim import make_optimizer, make_schedule
@@ -92,7 +91,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "D and G once each per batch. Lower config.batch_size or add devices instead."
             )
     for key, what in (("teacher_workdir", "teacher"), ("generator_workdir", "generator")):
-        check_same_model(config, run_config(config[key], key), what)
+        common.check_same_model(config, common.run_config(config[key], key), what)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,13 +188,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
             "discriminator": create_train_state(disc.init_boxed(rng), d_tx, ema=False),
         }
 
-    boxed_state = jax.eval_shape(boxed_init, jax.random.key(0))
-    state_shardings = logical_shardings(boxed_state, mesh, rules)
-    abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        unbox(boxed_state),
-        state_shardings,
-    )
+    abstract_state, state_shardings = common.abstract_state(boxed_init, mesh, rules)
     gen_shardings = state_shardings["generator"].params
 
     def _assemble(rng, teacher, generator):

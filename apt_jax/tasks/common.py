@@ -67,13 +67,68 @@ def sharded_init(init_boxed: Callable, mesh: Mesh, rules) -> tuple[Callable, Any
       (init_fn, abstract_state, shardings): `init_fn(rng)` returns the unboxed,
       sharded state; `abstract_state` holds ShapeDtypeStructs with shardings.
     """
+    abstract, shardings = abstract_state(init_boxed, mesh, rules)
+    init_fn = jax.jit(lambda r: unbox(init_boxed(r)), out_shardings=shardings)
+    return init_fn, abstract, shardings
+
+
+def abstract_state(init_boxed: Callable, mesh: Mesh, rules) -> tuple[Any, Any]:
+    """`(ShapeDtypeStructs with shardings, NamedShardings)` of `unbox(init_boxed(rng))`,
+    from shapes alone (nothing is computed)."""
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     shardings = logical_shardings(boxed, mesh, rules)
-    init_fn = jax.jit(lambda r: unbox(init_boxed(r)), out_shardings=shardings)
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), unbox(boxed), shardings
     )
-    return init_fn, abstract, shardings
+    return abstract, shardings
+
+
+# ---------------------------------------------------------- source runs
+def run_config(workdir: str, key: str = "teacher_workdir") -> ml_collections.ConfigDict:
+    """The stored config of the run in `workdir`, named by `config.<key>`; errors say how to fix."""
+    from apt_jax.train.checkpoint import read_config
+
+    if not workdir:
+        raise ValueError(f"config.{key} is empty: pass --config.{key}=DIR.")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise ValueError(
+            f"config.{key}={workdir!r} holds no checkpoints; train that run first "
+            "(see the README's recipes) or fix the path."
+        )
+    return ml_collections.ConfigDict(read_config(workdir))
+
+
+def check_same_model(config, teacher_config, what: str = "teacher") -> None:
+    """The student must have the teacher's architecture (it starts from its weights)."""
+    fields = ("model", "num_classes", "context_tokens")
+    diffs = []
+    for f in fields:
+        a, b = config.get(f), teacher_config.get(f)
+        a = a.to_dict() if hasattr(a, "to_dict") else a
+        b = b.to_dict() if hasattr(b, "to_dict") else b
+        if isinstance(a, dict):
+            shape_keys = [
+                k
+                for k in a
+                if k not in ("scan_layers", "remat_policy", "attention_implementation", "dtype")
+            ]
+            diffs += [
+                f"{f}.{k}: {b.get(k)!r} (teacher) vs {a[k]!r}"
+                for k in shape_keys
+                if _norm(a[k]) != _norm(b.get(k))
+            ]
+        elif a != b:
+            diffs.append(f"{f}: {b!r} (teacher) vs {a!r}")
+    if diffs:
+        raise ValueError(
+            f"The {what} run holds a model of another shape than config.model: "
+            + "; ".join(diffs[:10])
+            + f". Set the student's config to the {what}'s (e.g. --config.model.num_layers=...)."
+        )
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple | list) else v
 
 
 def jit_train_step(step_fn: Callable, state_shardings: Any, mesh: Mesh) -> Callable:

@@ -31,7 +31,7 @@ import optax
 
 from apt_jax import sampling
 from apt_jax.data.pipeline import make_train_iterator
-from apt_jax.models.partitioning import axis_rules, logical_shardings, unbox
+from apt_jax.models.partitioning import axis_rules, logical_shardings
 from apt_jax.objectives.distill import (
     deterministic_distill_loss,
     direct_distill_loss,
@@ -49,53 +49,6 @@ TARGETS = ("on_the_fly", "precomputed")
 
 
 # ------------------------------------------------------------------- teacher
-def run_config(workdir: str, key: str = "teacher_workdir") -> ml_collections.ConfigDict:
-    """The stored config of the run in `workdir`, named by `config.<key>`; errors say how to fix."""
-    from apt_jax.train.checkpoint import read_config
-
-    if not workdir:
-        raise ValueError(f"config.{key} is empty: pass --config.{key}=DIR.")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise ValueError(
-            f"config.{key}={workdir!r} holds no checkpoints; train that run first "
-            "(see the README's recipes) or fix the path."
-        )
-    return ml_collections.ConfigDict(read_config(workdir))
-
-
-def check_same_model(config, teacher_config, what: str = "teacher") -> None:
-    """The student must have the teacher's architecture (it starts from its weights)."""
-    fields = ("model", "num_classes", "context_tokens")
-    diffs = []
-    for f in fields:
-        a, b = config.get(f), teacher_config.get(f)
-        a = a.to_dict() if hasattr(a, "to_dict") else a
-        b = b.to_dict() if hasattr(b, "to_dict") else b
-        if isinstance(a, dict):
-            shape_keys = [
-                k
-                for k in a
-                if k not in ("scan_layers", "remat_policy", "attention_implementation", "dtype")
-            ]
-            diffs += [
-                f"{f}.{k}: {b.get(k)!r} (teacher) vs {a[k]!r}"
-                for k in shape_keys
-                if _norm(a[k]) != _norm(b.get(k))
-            ]
-        elif a != b:
-            diffs.append(f"{f}: {b!r} (teacher) vs {a!r}")
-    if diffs:
-        raise ValueError(
-            f"The {what} run holds a model of another shape than config.model: "
-            + "; ".join(diffs[:10])
-            + f". Set the student's config to the {what}'s (e.g. --config.model.num_layers=...)."
-        )
-
-
-def _norm(v):
-    return list(v) if isinstance(v, tuple | list) else v
-
-
 # -------------------------------------------------------------------- config
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks the config and the teacher run; returns the teacher's config."""
@@ -108,8 +61,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError("config.student_steps must be >= 1 for direct distillation.")
     if config.targets == "precomputed":
         _check_targets_file(config)
-    teacher_config = run_config(config.teacher_workdir)
-    check_same_model(config, teacher_config)
+    teacher_config = common.run_config(config.teacher_workdir)
+    common.check_same_model(config, teacher_config)
     return teacher_config
 
 
@@ -175,13 +128,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
         params = gen.init_boxed(rng)
         return {"student": create_train_state(params, tx), "teacher": params}
 
-    boxed_state = jax.eval_shape(boxed_init, jax.random.key(0))
-    state_shardings = logical_shardings(boxed_state, mesh, rules)
-    abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        unbox(boxed_state),
-        state_shardings,
-    )
+    abstract_state, state_shardings = common.abstract_state(boxed_init, mesh, rules)
     from_teacher = jax.jit(
         lambda t: {"student": create_train_state(t, tx), "teacher": t},
         in_shardings=(param_shardings,),
