@@ -98,12 +98,13 @@ def run_config(workdir: str, key: str = "teacher_workdir") -> ml_collections.Con
     return ml_collections.ConfigDict(read_config(workdir))
 
 
-def check_same_model(config, teacher_config, what: str = "teacher") -> None:
-    """The student must have the teacher's architecture (it starts from its weights)."""
+def check_same_model(config, source_config, what: str = "teacher") -> None:
+    """`config`'s model must have the architecture of the run it starts from (`what`:
+    "teacher", "generator"), whose stored config is `source_config`."""
     fields = ("model", "num_classes", "context_tokens")
     diffs = []
     for f in fields:
-        a, b = config.get(f), teacher_config.get(f)
+        a, b = config.get(f), source_config.get(f)
         a = a.to_dict() if hasattr(a, "to_dict") else a
         b = b.to_dict() if hasattr(b, "to_dict") else b
         if isinstance(a, dict):
@@ -113,12 +114,12 @@ def check_same_model(config, teacher_config, what: str = "teacher") -> None:
                 if k not in ("scan_layers", "remat_policy", "attention_implementation", "dtype")
             ]
             diffs += [
-                f"{f}.{k}: {b.get(k)!r} (teacher) vs {a[k]!r}"
+                f"{f}.{k}: {b.get(k)!r} ({what}) vs {a[k]!r}"
                 for k in shape_keys
                 if _norm(a[k]) != _norm(b.get(k))
             ]
         elif a != b:
-            diffs.append(f"{f}: {b!r} (teacher) vs {a!r}")
+            diffs.append(f"{f}: {b!r} ({what}) vs {a!r}")
     if diffs:
         raise ValueError(
             f"The {what} run holds a model of another shape than config.model: "
