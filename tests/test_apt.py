@@ -25,12 +25,7 @@ def apt_config(teacher_dir, **overrides):
     c = digits_apt.get_config("tiny")
     c.teacher_workdir = teacher_dir
     c.generator_workdir = teacher_dir
-    for k, v in overrides.items():
-        *path, last = k.split(".")
-        node = c
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c
 
 

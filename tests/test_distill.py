@@ -18,12 +18,7 @@ from configs import digits_distill
 def distill_config(teacher_dir, variant="deterministic", **overrides):
     c = digits_distill.get_config(f"{variant},tiny")
     c.teacher_workdir = teacher_dir
-    for k, v in overrides.items():
-        *path, last = k.split(".")
-        node = c
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c
 
 

@@ -90,45 +90,21 @@ class APTLossSettings:
             return float(self.r1_exact_weight)
         return adv.matching_exact_weight(self.r1_weight, self.r1_sigma)
 
-    @property
-    def differentiates_twice(self) -> bool:
-        return "exact" in (self.r1_mode, self.r2_mode) or self.loss == "wgan_gp"
 
-
-def _penalty(mode, settings, disc, params, x, labels, rng_noise, rng_eps, logits, impl):
+def _penalty(mode, settings, logits_fn, x, rng_eps):
     """(weighted penalty (B,), raw penalty (B,), logits (B,)) for one sample set.
 
-    For "exact" the logits come from the same pass as the input gradient (XLA
-    attention), for "approx" the given logits are reused; either way the
-    caller's loss term uses the returned logits.
+    `logits_fn(impl)` is D at this set's noise with attention kernel `impl`. For
+    "exact" the logits come from the same pass as the input gradient (XLA
+    attention); otherwise from one pass that "approx" reuses. The caller's loss
+    term uses the returned logits.
     """
     if mode == "exact":
-        fn = disc.logits_fn(
-            params,
-            labels,
-            rng_noise,
-            shift=settings.d_timestep_shift,
-            attention_implementation=settings.exact_attention,
-        )
-        raw, logits = adv.r1_exact_and_logits(fn, x)
+        raw, logits = adv.r1_exact_and_logits(logits_fn(settings.exact_attention), x)
         return settings.exact_weight * raw, raw, logits
-    if logits is None:
-        logits = disc.noised_logits(
-            params,
-            x,
-            labels,
-            rng_noise,
-            shift=settings.d_timestep_shift,
-            attention_implementation=impl,
-        )
+    fn = logits_fn(None)
+    logits = fn(x)
     if mode == "approx":
-        fn = disc.logits_fn(
-            params,
-            labels,
-            rng_noise,
-            shift=settings.d_timestep_shift,
-            attention_implementation=impl,
-        )
         raw = adv.r1_approx(fn, x, settings.r1_sigma, rng_eps, logits=logits)
         return settings.r1_weight * raw, raw, logits
     zero = jnp.zeros(x.shape[:1], jnp.float32)
@@ -165,42 +141,24 @@ def discriminator_loss(
       logits > 0 and fake logits < 0).
     """
     r_noise, r_eps1, r_eps2, r_gp = jax.random.split(rng, 4)  # r_noise: real and fake
-    real_pen, r1, real_logits = _penalty(
-        settings.r1_mode,
-        settings,
-        disc,
-        params,
-        real,
-        labels,
-        r_noise,
-        r_eps1,
-        None,
-        attention_implementation,
-    )
-    fake_pen, r2, fake_logits = _penalty(
-        settings.r2_mode,
-        settings,
-        disc,
-        params,
-        fake,
-        labels,
-        r_noise,
-        r_eps2,
-        None,
-        attention_implementation,
-    )
+
+    def logits_fn(impl):
+        return disc.logits_fn(
+            params,
+            labels,
+            r_noise,
+            shift=settings.d_timestep_shift,
+            attention_implementation=impl or attention_implementation,
+        )
+
+    real_pen, r1, real_logits = _penalty(settings.r1_mode, settings, logits_fn, real, r_eps1)
+    fake_pen, r2, fake_logits = _penalty(settings.r2_mode, settings, logits_fn, fake, r_eps2)
     if settings.loss == "nonsaturating":
         per_sample = adv.d_loss_nonsaturating(real_logits, fake_logits)
     elif settings.loss == "relativistic":
         per_sample = adv.d_loss_relativistic(real_logits, fake_logits)
     else:
-        fn = disc.logits_fn(
-            params,
-            labels,
-            r_noise,
-            shift=settings.d_timestep_shift,
-            attention_implementation=settings.exact_attention,
-        )
+        fn = logits_fn(settings.exact_attention)
         per_sample = adv.wgan_d_loss(real_logits, fake_logits) + settings.gp_weight * (
             adv.gradient_penalty(fn, real, fake, r_gp)
         )
