@@ -56,6 +56,7 @@ def get_config(variant: str = ""):
     del c["optimizer"]  # one per role instead
     c.generator_optimizer = rmsprop(3e-5)
     c.discriminator_optimizer = rmsprop(3e-4)
+    c.discriminator_optimizer.head_lr_multiplier = 1.0  # heads' lr / backbone's
     c.ema_decay = 0.995
     c.ema_warmup = True
 

@@ -97,13 +97,22 @@ def test_discriminator_loss_is_its_formula(loss_inputs):
             "approx": 50.0 * adv.r1_approx(real_fn, real, 0.05, r_eps1),
             "exact": 50.0 * 0.05**2 * adv.r1_exact(real_fn, real),
         }
-        return {c: jnp.mean(losses[c[0]] + penalties[c[1]]) for c in LOSS_CASES}, jnp.mean(lr)
+        accuracy = {
+            "nonsaturating": 0.5 * (jnp.mean(lr > 0) + jnp.mean(lf < 0)),
+            "relativistic": jnp.mean(lr > lf),  # paired: the common offset is free
+            "wgan_gp": jnp.mean(lr > lf),
+        }
+        return {c: jnp.mean(losses[c[0]] + penalties[c[1]]) for c in LOSS_CASES}, (
+            jnp.mean(lr),
+            accuracy,
+        )
 
-    got, (want, real_mean) = all_cases(params), reference(params)
+    got, (want, (real_mean, accuracy)) = all_cases(params), reference(params)
     for case in LOSS_CASES:
         loss, metrics = got[case]
         np.testing.assert_allclose(loss, want[case], rtol=2e-5, atol=1e-6, err_msg=str(case))
         np.testing.assert_allclose(metrics["real_logits"], real_mean, rtol=1e-5, atol=1e-6)
+        assert float(metrics["d_accuracy"]) == float(accuracy[case[0]]), case
         assert (float(metrics["r1"]) > 0) == (case[1] != "none"), case
 
 
@@ -129,6 +138,23 @@ def test_exact_weight_defaults_to_lambda_sigma_squared():
     assert APTLossSettings(r1_exact_weight=0.3).exact_weight == 0.3
     with pytest.raises(ValueError, match="r1_mode='exactly' is unknown"):
         APTLossSettings(r1_mode="exactly")
+
+
+def test_head_lr_multiplier_scales_only_the_heads_updates():
+    params = {"mmdit": {"w": jnp.ones((3, 2))}, "heads": {"w": jnp.ones(4), "b": jnp.ones(())}}
+    grads = jax.tree.map(lambda x: jnp.linspace(-1.0, 2.0, x.size).reshape(x.shape), params)
+    opt = digits_apt.rmsprop(1e-3)
+
+    def updates(multiplier):
+        opt.head_lr_multiplier = multiplier
+        tx = apt.discriminator_optimizer(opt, total_steps=10)
+        return tx.update(grads, tx.init(params), params)[0]
+
+    base, scaled = updates(1.0), updates(7.0)
+    np.testing.assert_array_equal(scaled["mmdit"]["w"], base["mmdit"]["w"])
+    for k in ("w", "b"):
+        np.testing.assert_allclose(scaled["heads"][k], 7.0 * base["heads"][k], rtol=1e-6)
+    assert float(jnp.abs(base["heads"]["w"]).max()) > 0
 
 
 # ----------------------------------------------------------------------------- step
@@ -233,6 +259,7 @@ def test_resume_equals_uninterrupted_run(exact_tasks, tmp_path):
         (dict(generator_workdir=""), "generator_workdir is empty"),
         (dict(teacher_workdir="/nonexistent"), "holds no checkpoints"),
         ({"model.num_layers": 3}, r"model.num_layers: 2 \(teacher\) vs 3"),
+        ({"discriminator_optimizer.head_lr_multiplier": 0.0}, "head_lr_multiplier=0.0 must be"),
     ],
 )
 def test_bad_configs_fail_before_compiling(teacher_dir, monkeypatch, overrides, message):

@@ -137,8 +137,10 @@ def discriminator_loss(
 
     Returns:
       (scalar loss, metrics): `d_loss`, `r1`, `r2` (raw, unweighted means),
-      `real_logits`, `fake_logits` (means), `d_accuracy` (fraction of real
-      logits > 0 and fake logits < 0).
+      `real_logits`, `fake_logits` (means), `d_accuracy`: for the
+      non-saturating loss the fraction of real logits > 0 and fake logits < 0;
+      for the paired losses (relativistic, WGAN), whose logits carry a free
+      common offset, the fraction of pairs with real logit > fake logit.
     """
     r_noise, r_eps1, r_eps2, r_gp = jax.random.split(rng, 4)  # r_noise: real and fake
 
@@ -169,9 +171,15 @@ def discriminator_loss(
         "r2": jnp.mean(r2),
         "real_logits": jnp.mean(real_logits),
         "fake_logits": jnp.mean(fake_logits),
-        "d_accuracy": 0.5 * (jnp.mean(real_logits > 0) + jnp.mean(fake_logits < 0)),
+        "d_accuracy": _accuracy(settings.loss, real_logits, fake_logits),
     }
     return loss, metrics
+
+
+def _accuracy(loss: str, real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+    if loss == "nonsaturating":
+        return 0.5 * (jnp.mean(real_logits > 0) + jnp.mean(fake_logits < 0))
+    return jnp.mean(real_logits > fake_logits)
 
 
 def generator_loss(

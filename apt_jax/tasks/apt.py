@@ -68,6 +68,37 @@ def step_rngs(rng: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array, ja
     return r_z, r_d, r_g
 
 
+def discriminator_optimizer(
+    opt: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
+    """D's optimizer: `opt` for the backbone, its learning rate times
+    `opt.head_lr_multiplier` (default 1) for the freshly initialised heads.
+
+    The backbone starts from the teacher and is wrecked by large steps, while
+    the heads start from random weights and must learn fast for D to leave
+    chance within a short run; one multiplier serves both.
+    """
+    multiplier = float(opt.get("head_lr_multiplier", 1.0))
+    if multiplier <= 0:
+        raise ValueError(
+            f"config.discriminator_optimizer.head_lr_multiplier={multiplier} must be > 0."
+        )
+    tx = make_optimizer(opt, total_steps)
+    if multiplier == 1.0:
+        return tx
+
+    # Scaling the updates (after the optimizer) equals scaling the learning rate
+    # for RMSProp, Adam(W) and SGD, and keeps one optimizer state for all of D.
+    def scale_heads(updates, params):
+        del params
+        return {
+            k: jax.tree.map(lambda u: u * multiplier, v) if k == "heads" else v
+            for k, v in updates.items()
+        }
+
+    return optax.chain(tx, optax.stateless(scale_heads))
+
+
 def make_discriminator(config: ml_collections.ConfigDict) -> APTDiscriminator:
     layers = tuple(config.d_head_layers) or None
     return APTDiscriminator(
@@ -83,6 +114,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validate_common(config)
     loss_settings(config)
     make_discriminator(config)  # head layers within the depth
+    discriminator_optimizer(config.discriminator_optimizer, config.total_steps)
     for role in ROLES:
         opt = config[f"{role}_optimizer"]
         if opt.get("accumulation_steps", 1) != 1:
@@ -177,7 +209,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     settings = loss_settings(config)
     total = config.total_steps
     g_tx = make_optimizer(config.generator_optimizer, total)
-    d_tx = make_optimizer(config.discriminator_optimizer, total)
+    d_tx = discriminator_optimizer(config.discriminator_optimizer, total)
     g_lr = make_schedule(config.generator_optimizer, total)
     d_lr = make_schedule(config.discriminator_optimizer, total)
 
