@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,6 +63,9 @@ log = logging.getLogger(__name__)
 STATE = "state"
 DATA = "data"
 CONFIG = "config"
+
+# Grain's per-process iterator state files.
+_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 # How many offending key paths / shapes a mismatch error lists.
 _MAX_LISTED = 10
@@ -259,6 +263,31 @@ class Checkpointer:
                 "(it was saved without config=)."
             ) from e
         return restored[CONFIG]
+
+    def data_process_count(self, step: int | None = None) -> int | None:
+        """How many processes wrote the data-iterator state of ``step`` (newest by
+        default); ``None`` when the checkpoint holds none.
+
+        Grain saves one ``process_{i}-of-{n}.json`` per process and restores
+        only onto ``n`` processes; a caller resuming on another process count
+        positions its iterator by other means (the training loop uses
+        :func:`apt_jax.data.pipeline.seek_to_step`).
+        """
+        step = self._resolve_step(step)
+        data_dir = self.directory / str(step) / DATA
+        if not data_dir.exists():
+            return None
+        counts = set()
+        for path in data_dir.iterdir():
+            match = _PROCESS_FILE.fullmatch(path.name)
+            if match:
+                counts.add(int(match.group(2)))
+        if len(counts) != 1:
+            names = sorted(p.name for p in data_dir.iterdir())
+            raise ValueError(
+                f"Checkpoint step {step}: data-iterator files {names} name no single process count."
+            )
+        return counts.pop()
 
     # ------------------------------------------------------------- preemption
 
