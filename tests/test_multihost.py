@@ -143,7 +143,9 @@ def runs(tmp_path_factory):
         saved = ckpt.all_steps()
     assert len(saved) == 1, (saved, [r[2][-3000:] for r in preempted])
     k = saved[0]
-    data_files = sorted(os.listdir(work / "checkpoints" / str(k) / "data"))
+    data_files = sorted(
+        f for f in os.listdir(work / "checkpoints" / str(k) / "data") if f.endswith(".json")
+    )
     metrics_after_preemption = logged_steps(work)
 
     # A copy of the 2-process checkpoint for the 1-process continuation.
@@ -436,3 +438,9 @@ def test_unequal_slices_are_rejected():
     devices = [FakeDevice(i) for i in range(16)][:12]  # slice 1 has 4 devices
     with pytest.raises(ValueError, match="unequal device counts"):
         sharding.resolve_hybrid_shape({"fsdp": -1, "dcn": {"data": 2}}, devices)
+
+
+def test_multi_process_mesh_must_use_every_device():
+    devices = [FakeDevice(i) for i in range(8)]  # processes 0 and 1
+    with pytest.raises(ValueError, match="every process needs devices in the mesh"):
+        sharding.make_mesh({"data": 2}, devices)

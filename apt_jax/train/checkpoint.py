@@ -12,8 +12,10 @@ items, each in its own sub-directory of ``<workdir>/checkpoints/<step>/``:
     mesh or another number of devices.
 ``data``
     the position of a grain ``DatasetIterator`` (its ``get_state()``, one JSON
-    file per process), written with ``grain.checkpoint.CheckpointSave``;
-    restoring sets the state of the iterator passed in, in place. Optional.
+    file per process, ``process_{i}-of-{n}.json``), written with
+    ``grain.checkpoint.CheckpointSave``; restoring sets the state of the
+    iterator passed in, in place, and needs the same process count ``n``
+    (:meth:`Checkpointer.data_process_count` tells it). Optional.
 ``config``
     the run's ``ml_collections.ConfigDict`` as JSON, so launch scripts can read
     a run's config from its workdir alone (:meth:`Checkpointer.restore_config`,
@@ -402,8 +404,9 @@ class Checkpointer:
             raise ValueError(
                 f"Checkpoint step {step} holds no iterator state for process {index} of "
                 f"{count} (found {found}). Grain iterator state restores only with the "
-                "process count that saved it; grain.experimental.ElasticIterator allows "
-                "a change of host count."
+                "process count that saved it; restore without data_iterator= and position "
+                "the iterator from the step (apt_jax.data.pipeline.seek_to_step, what the "
+                "training loop does)."
             )
 
 
