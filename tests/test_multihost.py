@@ -351,7 +351,7 @@ def test_distributed_off_initialises_nothing(monkeypatch):
 
 def test_make_global_batch_rows_of_one_process():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
-    assert sharding.process_batch_rows(mesh, 16) == (0, 16)
+    assert sharding.process_batch_rows(mesh, 16) == ((0, 16),)
 
 
 # ------------------------------------------------------------- hybrid mesh

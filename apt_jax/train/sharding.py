@@ -18,6 +18,7 @@ plain mesh.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 Rules = Sequence[tuple[str, Any]]
+
+log = logging.getLogger(__name__)
 
 
 def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -97,7 +100,7 @@ def resolve_hybrid_shape(
 
     `sizes` holds the per-slice (ICI) axis sizes, one of which may be -1, and
     `sizes["dcn"]` the across-slice ones, whose product must be the number of
-    granules (slices, or processes where devices have no `slice_index`).
+    granules (slices, or processes where all devices are in one slice).
 
     Raises:
       ValueError: dcn sizes that do not multiply to the granule count, granules
@@ -205,25 +208,31 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def process_batch_rows(mesh: Mesh, global_rows: int) -> tuple[int, int]:
-    """`[start, stop)`: the rows of a `global_rows` batch on this process's devices.
-
-    Raises:
-      ValueError: the rows are not one contiguous block (a device order that
-        interleaves processes along the batch axes).
-    """
+def process_batch_rows(mesh: Mesh, global_rows: int) -> tuple[tuple[int, int], ...]:
+    """The `[start, stop)` blocks of a `global_rows` batch on this process's devices,
+    sorted and with adjacent blocks merged."""
     index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
-    starts = sorted({(idx[0].start or 0, idx[0].stop or global_rows) for idx in index_map.values()})
-    stop = starts[0][0]
-    for a, b in starts:
-        if a != stop:
-            raise ValueError(
-                f"Process {jax.process_index()} holds rows {starts} of the global batch: not a "
-                "contiguous block. The mesh's device order interleaves processes along "
-                f"{BATCH_AXES}; build the mesh so each process's devices are consecutive there."
-            )
-        stop = b
-    return starts[0][0], stop
+    blocks = sorted({(i[0].start or 0, i[0].stop or global_rows) for i in index_map.values()})
+    merged = [blocks[0]]
+    for start, stop in blocks[1:]:
+        if start == merged[-1][1]:
+            merged[-1] = (merged[-1][0], stop)
+        else:
+            merged.append((start, stop))
+    return tuple(merged)
+
+
+@functools.lru_cache(maxsize=16)
+def _warn_row_order(mesh: Mesh, rows: tuple, expected: tuple) -> None:
+    log.warning(
+        "Process %d's devices hold rows %s of the global batch, not %s: the mesh interleaves "
+        "processes along %s (a TPU topology can). Each step still trains on the same "
+        "examples, in another row order than a single-process run.",
+        jax.process_index(),
+        rows,
+        expected,
+        BATCH_AXES,
+    )
 
 
 def make_global_batch(local_batch: Any, mesh: Mesh) -> Any:
@@ -231,24 +240,20 @@ def make_global_batch(local_batch: Any, mesh: Mesh) -> Any:
 
     Every process passes its own rows (`global_batch / process_count`); the
     result is one global `jax.Array` per leaf, so the same step code runs on one
-    host or many. Process `p`'s rows land at rows `[p * n, (p + 1) * n)` of the
-    global batch (`n` rows per process), which is where the input pipeline
-    (`apt_jax.data.pipeline`) takes them from in the global stream.
-
-    Raises:
-      ValueError: the mesh would put process `p`'s rows elsewhere.
+    host or many. Where each process's devices are consecutive along the batch
+    axes (the `jax.devices()` order on CPU and GPU), process `p`'s rows land at
+    rows `[p * n, (p + 1) * n)` of the global batch, which is where the input
+    pipeline (`apt_jax.data.pipeline`) takes them from in the global stream: the
+    global batch is the single-process one, row for row. Otherwise (logged once)
+    it holds the same examples in another row order.
     """
     leaves = jax.tree.leaves(local_batch)
     if jax.process_count() > 1 and leaves:
         n = np.shape(leaves[0])[0]
         rows = process_batch_rows(mesh, n * jax.process_count())
         p = jax.process_index()
-        if rows != (p * n, (p + 1) * n):
-            raise ValueError(
-                f"Process {p}'s devices hold rows {rows} of the global batch, but the input "
-                f"pipeline gives it rows {(p * n, (p + 1) * n)}: order the mesh's devices by "
-                "process along the batch axes (jax.devices() order does)."
-            )
+        if rows != ((p * n, (p + 1) * n),):
+            _warn_row_order(mesh, rows, ((p * n, (p + 1) * n),))
 
     def put(x):
         x = np.asarray(x)
