@@ -25,11 +25,12 @@ Why this order:
 * Batch into blocks of ``B / P``, then shard the blocks: at step ``s`` process
   ``p`` holds the global elements ``[s * B + p * B / P, s * B + (p + 1) * B / P)``,
   a contiguous block. `apt_jax.train.sharding.make_global_batch` places process
-  ``p``'s rows at exactly those rows of the global batch, so the global batch of
-  step ``s`` is the single-process stream's batch ``[s * B, (s + 1) * B)``, in the
-  same row order, whatever the process count: per-example noise (drawn for
-  the global batch) meets the same example, and runs on 1 or P processes
-  compute the same update.
+  ``p``'s rows at exactly those rows of the global batch (where each process's
+  devices are consecutive along the batch axes, as in ``jax.devices()`` order),
+  so the global batch of step ``s`` is the single-process stream's batch
+  ``[s * B, (s + 1) * B)``, in the same row order, whatever the process count:
+  per-example noise (drawn for the global batch) meets the same example, and
+  runs on 1 or P processes compute the same update.
 * Everything up to the shard is a ``MapDataset`` (random access, index
   arithmetic only), so the iterator state is just a position (the number of
   steps consumed): ``get_state()`` / ``set_state()`` restore it exactly,
