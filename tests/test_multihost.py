@@ -183,6 +183,7 @@ def reference_task(runs):
     return build_task(tiny_config(**FSDP8, total_steps=runs["total"]))
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_saves_both_at_the_same_step(runs):
     k = runs["k"]
     for i, (rc, _, err) in enumerate(runs["preempted"]):
@@ -198,6 +199,7 @@ def test_sigterm_to_one_process_saves_both_at_the_same_step(runs):
     assert "'step'" not in runs["preempted"][1][1]  # (gloo prints its own lines)
 
 
+@pytest.mark.slow
 def test_resumed_two_process_run_finishes_with_one_log(runs):
     k, total, root = runs["k"], runs["total"], runs["root"]
     for i, (rc, _, err) in enumerate(runs["resumed"]):
@@ -216,6 +218,7 @@ def test_resumed_two_process_run_finishes_with_one_log(runs):
     assert sorted(os.listdir(work / "checkpoints")) == sorted([str(k), str(total)])
 
 
+@pytest.mark.slow
 def test_two_processes_reach_the_one_process_params(runs, reference_task):
     total, root = runs["total"], runs["root"]
     reference = read_state(str(root / "reference"), reference_task, total)
@@ -233,6 +236,7 @@ def test_two_processes_reach_the_one_process_params(runs, reference_task):
     assert moved > 1e-3
 
 
+@pytest.mark.slow
 def test_one_process_continues_a_two_process_checkpoint(runs, reference_task):
     # The iterator state was written by 2 processes: the 1-process run restarts
     # the stream at the step, so it reads the reference's batches and ends equal.
