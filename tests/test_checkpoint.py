@@ -312,3 +312,77 @@ def test_preemption_guard_defers_to_jax_distributed(monkeypatch):
         assert not guard.installed
         assert signal.getsignal(signal.SIGTERM) is before
     assert not guard.requested
+
+
+# ------------------------------------------------- the real train state, remeshed
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory):
+    """A tiny SFT train state (its shapes, dtypes, shardings) written under fsdp=8."""
+    from apt_jax.tasks import build_task
+    from apt_jax.train import sharding
+    from configs import digits_sft
+
+    config = digits_sft.get_config("tiny")
+    task = build_task(config, sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
+    shardings = jax.tree.map(lambda s: s.sharding, task.abstract_state)
+
+    def distinct():
+        # Every leaf its own values (no model init to compile: shapes suffice).
+        leaves, treedef = jax.tree.flatten(task.abstract_state)
+        leaves = [
+            (jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) * 1e-3 + i).astype(x.dtype)
+            for i, x in enumerate(leaves)
+        ]
+        return jax.tree.unflatten(treedef, leaves)
+
+    state = jax.jit(distinct, out_shardings=shardings)()
+    workdir = tmp_path_factory.mktemp("sft_fsdp8")
+    with Checkpointer(workdir) as ckpt:
+        ckpt.save(5, state)
+    return str(workdir), config, jax.device_get(state)
+
+
+@pytest.mark.parametrize(
+    "mesh_sizes, num_devices",
+    [({"data": 2, "fsdp": 4, "tensor": 1}, 8), ({"data": 1, "fsdp": 4, "tensor": 1}, 4)],
+    ids=["data2xfsdp4", "4-devices"],
+)
+def test_train_state_restores_onto_another_mesh(sft_checkpoint, mesh_sizes, num_devices):
+    from apt_jax.tasks import build_task
+    from apt_jax.train import sharding
+
+    workdir, config, saved = sft_checkpoint
+    mesh = sharding.make_mesh(mesh_sizes, jax.devices()[:num_devices])
+    task = build_task(config, mesh)
+    with Checkpointer(workdir) as ckpt:
+        restored, step = ckpt.restore(abstract_state=task.abstract_state)
+    assert step == 5
+    _assert_same_values(restored, saved)  # bitwise
+    wanted = jax.tree.map(lambda s: s.sharding, task.abstract_state)
+    _assert_shardings(restored, wanted)
+    leaves = jax.tree.leaves(restored)
+    assert all(set(x.sharding.device_set) == set(mesh.devices.flat) for x in leaves)
+    # The new mesh really splits the state: fsdp=4 shards of the big matrices.
+    split = [x for x in leaves if x.sharding.shard_shape(x.shape) != x.shape]
+    assert split and all(
+        int(np.prod(x.shape)) == 4 * int(np.prod(x.sharding.shard_shape(x.shape))) for x in split
+    )
+
+
+def test_data_process_count(tmp_path):
+    state = {"x": jnp.zeros(3)}
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, data_iterator=_make_iterator())
+        ckpt.save(2, state)
+        ckpt.wait_until_finished()
+        assert ckpt.data_process_count(1) == 1
+        assert ckpt.data_process_count(2) is None
+        assert ckpt.data_process_count() is None  # newest step
+    # As a 2-process job leaves it (grain's file names), read by 1 process.
+    data = tmp_path / "checkpoints" / "1" / "data"
+    os.rename(data / "process_0-of-1.json", data / "process_0-of-2.json")
+    shutil.copy(data / "process_0-of-2.json", data / "process_1-of-2.json")
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.data_process_count(1) == 2
+        with pytest.raises(ValueError, match="restores only with the process count"):
+            ckpt.restore(1, abstract_state=abstract_like(state), data_iterator=_make_iterator())

@@ -12,8 +12,10 @@ items, each in its own sub-directory of ``<workdir>/checkpoints/<step>/``:
     mesh or another number of devices.
 ``data``
     the position of a grain ``DatasetIterator`` (its ``get_state()``, one JSON
-    file per process), written with ``grain.checkpoint.CheckpointSave``;
-    restoring sets the state of the iterator passed in, in place. Optional.
+    file per process, ``process_{i}-of-{n}.json``), written with
+    ``grain.checkpoint.CheckpointSave``; restoring sets the state of the
+    iterator passed in, in place, and needs the same process count ``n``
+    (:meth:`Checkpointer.data_process_count` tells it). Optional.
 ``config``
     the run's ``ml_collections.ConfigDict`` as JSON, so launch scripts can read
     a run's config from its workdir alone (:meth:`Checkpointer.restore_config`,
@@ -46,6 +48,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,6 +65,9 @@ log = logging.getLogger(__name__)
 STATE = "state"
 DATA = "data"
 CONFIG = "config"
+
+# Grain's per-process iterator state files.
+_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 # How many offending key paths / shapes a mismatch error lists.
 _MAX_LISTED = 10
@@ -260,6 +266,31 @@ class Checkpointer:
             ) from e
         return restored[CONFIG]
 
+    def data_process_count(self, step: int | None = None) -> int | None:
+        """How many processes wrote the data-iterator state of ``step`` (newest by
+        default); ``None`` when the checkpoint holds none.
+
+        Grain saves one ``process_{i}-of-{n}.json`` per process and restores
+        only onto ``n`` processes; a caller resuming on another process count
+        positions its iterator by other means (the training loop uses
+        :func:`apt_jax.data.pipeline.seek_to_step`).
+        """
+        step = self._resolve_step(step)
+        data_dir = self.directory / str(step) / DATA
+        if not data_dir.exists():
+            return None
+        counts = set()
+        for path in data_dir.iterdir():
+            match = _PROCESS_FILE.fullmatch(path.name)
+            if match:
+                counts.add(int(match.group(2)))
+        if len(counts) != 1:
+            names = sorted(p.name for p in data_dir.iterdir())
+            raise ValueError(
+                f"Checkpoint step {step}: data-iterator files {names} name no single process count."
+            )
+        return counts.pop()
+
     # ------------------------------------------------------------- preemption
 
     def reached_preemption(self, step: int) -> bool:
@@ -373,8 +404,9 @@ class Checkpointer:
             raise ValueError(
                 f"Checkpoint step {step} holds no iterator state for process {index} of "
                 f"{count} (found {found}). Grain iterator state restores only with the "
-                "process count that saved it; grain.experimental.ElasticIterator allows "
-                "a change of host count."
+                "process count that saved it; restore without data_iterator= and position "
+                "the iterator from the step (apt_jax.data.pipeline.seek_to_step, what the "
+                "training loop does)."
             )
 
 

@@ -34,6 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.context_tokens = 1
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Multislice: slices per axis (DCN); the sizes above are then per slice.
+    c.mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
     c.logical_axis_rules = [list(r) for r in axes.DEFAULT_RULES]
 
     c.optimizer = ml_collections.ConfigDict(

@@ -4,6 +4,12 @@ Sections, in order: restore or init, the loop (step, log, checkpoint,
 evaluate), shutdown. A recipe provides a `Task` (apt_jax.tasks.common).
 Resuming on the same workdir continues from the newest checkpoint with the
 same data order and random numbers (the step's rng is `fold_in(seed, step)`).
+The train state restores onto whatever mesh the task has now. The data
+iterator resumes exactly from its saved per-process state when the process
+count is unchanged; otherwise it restarts at the checkpoint's step of the
+global stream (`apt_jax.data.pipeline.seek_to_step`), the batches a run on the
+new process count would have read there. Multi-host: every process runs this
+same function; SIGTERM on any of them makes all save at one agreed step.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from apt_jax.data.pipeline import seek_to_step
 from apt_jax.tasks.common import Task
 from apt_jax.train.checkpoint import Checkpointer
 from apt_jax.train.metrics_writer import MetricWriter, check_finite
@@ -49,7 +56,23 @@ def train(task: Task, workdir: str) -> dict:
     if start is None:
         state, start = task.init_state(init_rng), 0
     else:
-        state, start = ckpt.restore(abstract_state=task.abstract_state, data_iterator=it)
+        saved_count = ckpt.data_process_count(start)
+        same_count = saved_count == jax.process_count()
+        state, start = ckpt.restore(
+            start, abstract_state=task.abstract_state, data_iterator=it if same_count else None
+        )
+        if not same_count:
+            # Grain's iterator states are per process; on another process count
+            # the pipeline's position is recomputed from the step instead.
+            log.warning(
+                "Checkpoint step %d holds data-iterator state of %s process(es), this run has "
+                "%d: restarting the data stream at step %d of the global order.",
+                start,
+                saved_count,
+                jax.process_count(),
+                start,
+            )
+            seek_to_step(it, start)
         log.info("Resumed from step %d in %s", start, workdir)
 
     writer = MetricWriter(workdir)
@@ -75,7 +98,9 @@ def train(task: Task, workdir: str) -> dict:
                 state, metrics = task.train_step(state, batch, step_rng)
                 bar.update(1)
 
-                stop = guard.requested or ckpt.reached_preemption(step)
+                # Every process asks every step (the sync point needs all of
+                # them); it turns True on all at the same step after a SIGTERM.
+                stop = ckpt.reached_preemption(step) or guard.requested
                 save = step % config.checkpoint_every == 0 or step == total or stop
                 if step % config.log_every == 0 or save:
                     # Checked before any save, so a NaN never overwrites a good state.

@@ -38,12 +38,9 @@ log = logging.getLogger(__name__)
 
 def distributed_initialized() -> bool:
     """Whether ``jax.distributed.initialize()`` has run in this process."""
-    try:
-        from jax._src import distributed
+    import jax
 
-        return distributed.global_state.client is not None
-    except (ImportError, AttributeError):  # private API; assume not.
-        return False
+    return jax.distributed.is_initialized()
 
 
 class PreemptionGuard:
