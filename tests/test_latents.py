@@ -4,6 +4,8 @@ and the SD3 configs."""
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +187,10 @@ def test_dataset_must_fit_the_model(tiny_data):
     distill.data = sft_config(tiny_data[0]).data
     with pytest.raises(ValueError, match="trains on class labels"):
         build_task(distill)
+    distill = digits_distill.get_config("deterministic")
+    distill.init_from = "ckpt"
+    with pytest.raises(ValueError, match="config.init_from is read by the sft and apt tasks"):
+        build_task(distill)
 
 
 # ------------------------------------------------ SFT on latents, init_from
@@ -315,3 +321,21 @@ def test_sd3_configs_validate(sd3_data, variant):
         config.init_from = str(ckpts[wrong])
         with pytest.raises(ValueError, match="holds another architecture than config.model"):
             task.validate(config)
+
+
+def test_prepare_latents_cli(tmp_path):
+    """The launcher builds a dataset, and refuses bad files by name, writing nothing."""
+    script = os.path.join(
+        os.path.dirname(os.path.dirname(__file__)), "launch", "prepare_latents.py"
+    )
+    src = tmp_path / "src"
+    write_npy_rows(str(src), 4)
+    cmd = [sys.executable, script, f"--src={src}", f"--data_dir={tmp_path / 'data'}"]
+    out = subprocess.run([*cmd, "--name=ok", "--eval_rows=1"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Wrote 4 examples {'train': 3, 'validation': 1}" in out.stdout
+    np.save(src / "r2.pooled.npy", np.full(POOLED, np.inf, np.float32))
+    out = subprocess.run([*cmd, "--name=bad"], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "r2.latent.npy (CSV row 3, id 'r2.latent'): pooled has 20 NaN/Inf value(s)" in out.stderr
+    assert not os.path.exists(tmp_path / "data" / "latents" / "bad")

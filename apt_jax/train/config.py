@@ -98,6 +98,11 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= config.ema_decay < 1.0:
         raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1).")
     validate_data_keys(config)
+    if config.get("init_from") and config.task not in ("sft", "apt"):
+        raise ValueError(
+            f"config.init_from is read by the sft and apt tasks; config.task={config.task!r} "
+            "starts from config.teacher_workdir (a run) instead."
+        )
     mmdit_config(config)  # raises on contradictory model fields
 
 
