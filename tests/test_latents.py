@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -113,7 +114,11 @@ def test_safetensors_file_column_and_float16(tmp_path):
     rows, arrays = [], []
     for i in range(3):
         arrays.append({k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()})
-        save_file(arrays[-1], str(tmp_path / f"x{i}.safetensors"))
+        # Row 1 in bfloat16, as text encoders often write it.
+        dtype = ml_dtypes.bfloat16 if i == 1 else np.float32
+        save_file(
+            {k: v.astype(dtype) for k, v in arrays[-1].items()}, str(tmp_path / f"x{i}.safetensors")
+        )
         rows.append({"file": f"x{i}.safetensors", "caption": f"c{i}", "split": "train"})
     rows[2]["split"] = "validation"
     write_csv(tmp_path / "m.csv", rows)
@@ -123,6 +128,9 @@ def test_safetensors_file_column_and_float16(tmp_path):
     assert back["latent"].dtype == np.float32
     want = arrays[2]["context"].astype(np.float16).astype(np.float32)
     np.testing.assert_array_equal(back["context"], want)
+    row1 = latents.LatentRecords(str(tmp_path / "data"), "st", "train")[1]["pooled"]
+    want = arrays[1]["pooled"].astype(ml_dtypes.bfloat16).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(row1, want)
 
 
 def test_bad_files_are_listed_by_name_before_anything_is_written(tmp_path):

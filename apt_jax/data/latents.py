@@ -22,7 +22,8 @@ with one row per example and the columns
               `eval_rows` rows are `validation`, the others `train`
 
 A path is a `.npy` file (the array) or a `.safetensors` file (the tensor named
-like the column, or its only tensor). Every example must have the same shapes.
+like the column, or its only tensor), any float dtype (bfloat16 included).
+Every example must have the same shapes.
 
 Output: `<data_dir>/latents/<name>/1.0.0/`, features
 
@@ -155,6 +156,17 @@ def _row_arrays(row: Row) -> tuple[dict[str, np.ndarray], list[str]]:
     return arrays, problems
 
 
+def _is_float(dtype) -> bool:
+    """numpy floats and ml_dtypes' (bfloat16: safetensors gives those too)."""
+    import ml_dtypes
+
+    try:
+        ml_dtypes.finfo(dtype)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclasses.dataclass(frozen=True)
 class Shapes:
     """The per-example shapes every row must have."""
@@ -189,7 +201,7 @@ def validate_rows(rows: Sequence[Row], shapes: Shapes | None = None) -> Shapes:
             if a.ndim not in FIELD_RANKS[field]:
                 ranks = " or ".join(map(str, FIELD_RANKS[field]))
                 row_problems.append(f"{field} has shape {a.shape}; want rank {ranks}")
-            elif not np.issubdtype(a.dtype, np.floating):
+            elif not _is_float(a.dtype):
                 row_problems.append(f"{field} has dtype {a.dtype}; want a float array")
             elif not np.all(np.isfinite(a)):
                 bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
