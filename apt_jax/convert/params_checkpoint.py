@@ -35,7 +35,7 @@ from apt_jax.models.config import MMDiTConfig
 from apt_jax.models.mmdit import abstract_params as config_abstract_params
 from apt_jax.models.partitioning import unbox
 
-__all__ = ["save_params", "load_params", "CONFIG_NAME", "PARAMS_DIR"]
+__all__ = ["save_params", "load_params", "read_config", "CONFIG_NAME", "PARAMS_DIR"]
 
 CONFIG_NAME = "mmdit_config.json"
 PARAMS_DIR = "params"
@@ -182,6 +182,15 @@ def _read_config(folder: epath.Path) -> MMDiTConfig:
         return MMDiTConfig(**fields)
     except TypeError as e:
         raise ValueError(f"{config_file} has fields MMDiTConfig does not know: {e}") from e
+
+
+def read_config(path: str | os.PathLike) -> MMDiTConfig:
+    """The `MMDiTConfig` of a checkpoint, from its JSON alone (no arrays are read).
+
+    Raises:
+      FileNotFoundError / ValueError: as `load_params`.
+    """
+    return _read_config(_as_path(path))
 
 
 def load_params(path: str | os.PathLike, *, abstract_params: Any = None) -> tuple[MMDiTConfig, Any]:

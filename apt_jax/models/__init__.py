@@ -1,4 +1,5 @@
-"""Linen modules: the MMDiT generator, its label embedder, the APT discriminator.
+"""Linen modules: the MMDiT generator, its label embedder, its text-conditioned form,
+the APT discriminator.
 
 Only this package imports `flax.linen`; everything else moves plain pytrees.
 """
@@ -22,6 +23,7 @@ from apt_jax.models.mmdit import (
     layer_runs,
     param_count,
 )
+from apt_jax.models.text_conditional import TextConditionalMMDiT
 
 __all__ = [
     "APTDiscriminator",
@@ -29,6 +31,7 @@ __all__ = [
     "CrossAttentionHead",
     "default_head_layers",
     "ClassConditionalMMDiT",
+    "TextConditionalMMDiT",
     "MMDiT",
     "MMDiTConfig",
     "LabelEmbedder",

@@ -10,7 +10,9 @@ Parameters are `{"mmdit": <MMDiT tree>, "labels": <LabelEmbedder tree>,
 "heads": <APTHeads tree>}`. "mmdit" and "labels" have exactly the tree of
 `ClassConditionalMMDiT.init_boxed` for the same config, so the discriminator
 is initialised from the diffusion teacher by copying those two subtrees
-(`init_boxed(rng, teacher_params)`). The backbone's output layer (`norm_out`,
+(`init_boxed(rng, teacher_params)`). With `conditioning="text"` the backbone is
+a `TextConditionalMMDiT` (no "labels"; the condition is `{"context",
+"pooled"}` text embeddings) and only "mmdit" is copied. The backbone's output layer (`norm_out`,
 `proj_out`) is part of that tree but unused by D: it gets zero gradient.
 
 Every logit depends on its own sample only (no batch statistics anywhere), which
@@ -30,6 +32,7 @@ from apt_jax import flow
 from apt_jax.models.class_conditional import ClassConditionalMMDiT
 from apt_jax.models.config import MMDiTConfig
 from apt_jax.models.discriminator import APTHeads, check_head_layers, default_head_layers
+from apt_jax.models.text_conditional import TextConditionalMMDiT
 
 
 def _is_box(x) -> bool:
@@ -46,22 +49,31 @@ class APTDiscriminator:
       context_tokens: context tokens per label (the teacher's).
       head_layers: 0-based blocks whose outputs the heads read; None (default)
         means `default_head_layers(config.num_layers)` (16/36, 26/36, 36/36).
+      conditioning: "class" (labels through a label embedder) or "text" (the
+        condition is `{"context", "pooled"}`; num_classes and context_tokens
+        are unused).
     """
 
     config: MMDiTConfig
     num_classes: int
     context_tokens: int = 1
     head_layers: tuple[int, ...] | None = None
+    conditioning: str = "class"
 
     def __post_init__(self):
+        if self.conditioning not in ("class", "text"):
+            raise ValueError(f"conditioning={self.conditioning!r} must be 'class' or 'text'.")
         layers = self.head_layers
         if layers is None:
             layers = default_head_layers(self.config.num_layers)
         object.__setattr__(self, "head_layers", check_head_layers(layers, self.config.num_layers))
 
     @property
-    def backbone(self) -> ClassConditionalMMDiT:
-        """The generator-shaped backbone (its params are `{"mmdit", "labels"}`)."""
+    def backbone(self) -> ClassConditionalMMDiT | TextConditionalMMDiT:
+        """The generator-shaped backbone (its params are `{"mmdit", "labels"}`, or
+        `{"mmdit"}` for text conditioning)."""
+        if self.conditioning == "text":
+            return TextConditionalMMDiT(self.config)
         return ClassConditionalMMDiT(self.config, self.num_classes, self.context_tokens)
 
     def heads(self, attention_implementation: str | None = None) -> APTHeads:
@@ -75,9 +87,10 @@ class APTDiscriminator:
           rng: PRNG key.
           teacher_params: optional `{"mmdit", "labels", ...}` of the diffusion
             teacher (boxed or not, same config and layer layout); its "mmdit"
-            and "labels" replace the fresh backbone's values (boxes kept). None
-            leaves the backbone freshly initialised, for recipes that overwrite
-            it later (e.g. after restoring the teacher onto the mesh).
+            and "labels" ("mmdit" alone for text conditioning) replace the fresh
+            backbone's values (boxes kept). None leaves the backbone freshly
+            initialised, for recipes that overwrite it later (e.g. after
+            restoring the teacher onto the mesh).
 
         Returns:
           The boxed tree (unbox with `flax.linen.meta.unbox`).
@@ -89,7 +102,7 @@ class APTDiscriminator:
         hidden = [jnp.zeros((1, 1, cfg.inner_dim), jnp.float32)] * cfg.num_layers
         params["heads"] = self.heads("xla").init(r_heads, hidden)["params"]
         if teacher_params is not None:
-            for name in ("mmdit", "labels"):
+            for name in [k for k in params if k != "heads"]:
                 params[name] = _replace_boxed(params[name], teacher_params[name], name)
         return params
 
@@ -108,7 +121,8 @@ class APTDiscriminator:
           params: `{"mmdit", "labels", "heads"}` (unboxed).
           x_t: noised latents `(B, H, W, C)` or `(B, F, H, W, C)`.
           t: flow times `(B,)` in [0, 1] of x_t.
-          labels: int `(B,)` in [0, num_classes].
+          labels: int `(B,)` in [0, num_classes], or the text condition
+            `{"context", "pooled"}`.
           attention_implementation: kernel for backbone and heads; "xla" where
             a second derivative is needed (exact R1).
 
@@ -116,7 +130,7 @@ class APTDiscriminator:
           `(B,)` float32 logits (real: large).
         """
         _, hidden = self.backbone.velocity(
-            {"mmdit": params["mmdit"], "labels": params["labels"]},
+            {k: v for k, v in params.items() if k != "heads"},
             x_t,
             t,
             labels,

@@ -23,6 +23,12 @@ memory is short).
 
 The labels of the generated batch are the real batch's (sample i of each has
 the same class), which is what the relativistic loss pairs.
+
+Text-conditioned runs (a latents dataset, `common.conditioning`) condition both
+networks on the batch's `{"context", "pooled"}` embeddings the same way, and
+may start both from converted checkpoints instead of runs (`sources`): D's
+backbone from `config.init_from`, G from `config.generator_init_from` (or,
+when neither it nor `generator_workdir` is set, from `init_from` too).
 """
 
 from __future__ import annotations
@@ -102,11 +108,46 @@ def discriminator_optimizer(
 def make_discriminator(config: ml_collections.ConfigDict) -> APTDiscriminator:
     layers = tuple(config.d_head_layers) or None
     return APTDiscriminator(
-        common.class_conditional_generator(config).config,
+        common.mmdit_config(config),
         config.num_classes,
         config.context_tokens,
         head_layers=layers,
+        conditioning=common.conditioning(config),
     )
+
+
+def sources(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
+    """Where D's backbone ("teacher") and G start: `(kind, config key)`, kind "run"
+    (a workdir; its served weights) or "checkpoint" (a converted params checkpoint).
+
+    Raises:
+      ValueError: two sources given for one network, or converted checkpoints
+        for a class-conditional run (they hold no label embedder).
+    """
+    init_from, gen_init = config.get("init_from", ""), config.get("generator_init_from", "")
+    if init_from and config.teacher_workdir:
+        raise ValueError(
+            "config.init_from and config.teacher_workdir both name D's backbone; set one."
+        )
+    if gen_init and config.generator_workdir:
+        raise ValueError(
+            "config.generator_init_from and config.generator_workdir both name G; set one."
+        )
+    teacher = ("checkpoint", "init_from") if init_from else ("run", "teacher_workdir")
+    if gen_init:
+        generator = ("checkpoint", "generator_init_from")
+    elif init_from and not config.generator_workdir:
+        generator = ("checkpoint", "init_from")
+    else:
+        generator = ("run", "generator_workdir")
+    found = {"teacher": teacher, "generator": generator}
+    if common.conditioning(config) == "class" and any(k == "checkpoint" for k, _ in found.values()):
+        raise ValueError(
+            "Converted checkpoints (config.init_from / generator_init_from) start text-"
+            "conditioned APT runs; class-conditional runs start from teacher_workdir and "
+            "generator_workdir."
+        )
+    return found
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -122,8 +163,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"config.{role}_optimizer.accumulation_steps must be 1: the APT step updates "
                 "D and G once each per batch. Lower config.batch_size or add devices instead."
             )
-    for key, what in (("teacher_workdir", "teacher"), ("generator_workdir", "generator")):
-        common.check_same_model(config, common.run_config(config[key], key), what)
+    common.validate_data(config)
+    for what, (kind, key) in sources(config).items():
+        if kind == "checkpoint":
+            common.check_pretrained(config, key)
+            continue
+        source = common.run_config(config[key], key)
+        if common.conditioning(source) != common.conditioning(config):
+            raise ValueError(
+                f"config.{key}={config[key]!r} was trained on {source.data.name} and this run "
+                f"on {config.data.name}: G and D must be conditioned alike."
+            )
+        common.check_same_model(config, source, what)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +222,7 @@ class APTStep:
     def __call__(self, state, batch, rng):
         g, d = state["generator"], state["discriminator"]
         r_z, r_d, r_g = step_rngs(rng, g.step)
-        real, labels = batch["image"], batch["label"]
+        real, labels = common.split_batch(batch)  # labels: class labels or text embeddings
         z = jax.random.normal(r_z, real.shape, real.dtype)
 
         # 1. G's samples and their pullback.
@@ -204,7 +255,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
     rules = config.logical_axis_rules
-    gen = common.class_conditional_generator(config)
+    gen = common.make_generator(config)
     disc = make_discriminator(config)
     settings = loss_settings(config)
     total = config.total_steps
@@ -237,12 +288,23 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     )
 
     def init_state(rng):
-        """G from the generator run's served weights, D's backbone from the teacher's."""
+        """G and D's backbone from their `sources`: a run's served weights, or a
+        converted checkpoint restored straight into G's shardings."""
         from apt_jax.tasks.runs import load_run
 
-        t_task, t_state, _ = load_run(config.teacher_workdir, mesh=mesh)
-        g_task, g_state, _ = load_run(config.generator_workdir, mesh=mesh)
-        return assemble(rng, t_task.served_params(t_state), g_task.served_params(g_state))
+        start, loaded = {}, {}
+        for role, (kind, key) in sources(config).items():
+            if kind == "run":
+                task, state, _ = load_run(config[key], mesh=mesh)
+                start[role] = task.served_params(state)
+            else:
+                if key not in loaded:  # one checkpoint for both: read once
+                    abstract = abstract_state["generator"].params["mmdit"]
+                    loaded[key] = {
+                        "mmdit": common.load_pretrained_mmdit(config[key], abstract, key)
+                    }
+                start[role] = loaded[key]
+        return assemble(rng, start["teacher"], start["generator"])
 
     # -------------------------------------------------------------------- step
     step = APTStep(

@@ -1,7 +1,11 @@
-"""Flow-matching SFT of a class-conditional MMDiT (the teacher of later stages).
+"""Flow-matching SFT of an MMDiT (the teacher of later stages).
 
 Builds, from a config: the mesh, the sharded train state (params, AdamW state,
-EMA), the jitted train step, the data iterator and the evaluator.
+EMA), the jitted train step, the data iterator and the evaluator. The model is
+class-conditional on the digits and text-conditioned on a latents dataset
+(`common.conditioning`). `config.init_from` (a checkpoint `launch/convert.py`
+wrote) starts the MMDiT from pretrained weights, restored straight into the
+state's shardings; without it the MMDiT starts fresh.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ import ml_collections
 import optax
 
 from apt_jax import flow
-from apt_jax.models.partitioning import axis_rules
-from apt_jax.objectives.sft import drop_labels, flow_matching_loss
+from apt_jax.models.partitioning import axis_rules, unbox
+from apt_jax.objectives.sft import flow_matching_loss
 from apt_jax.tasks import common
 from apt_jax.train import sharding
 from apt_jax.train.config import validate_common
@@ -40,6 +44,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.batch_size={config.batch_size} is not divisible by "
             f"config.optimizer.accumulation_steps={k}."
         )
+    common.validate_data(config)
+    if config.get("init_from"):
+        common.check_pretrained(config, "init_from")
 
 
 def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
@@ -47,20 +54,24 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
     rules = config.logical_axis_rules
-    gen = common.class_conditional_generator(config)
+    gen = common.make_generator(config)
     tx = make_optimizer(config.optimizer, config.total_steps)
     lr_schedule = make_schedule(config.optimizer, config.total_steps)
 
     init_state, abstract_state, state_shardings = common.sharded_init(
         lambda rng: create_train_state(gen.init_boxed(rng), tx), mesh, rules
     )
+    if config.get("init_from"):
+        init_state = _pretrained_init(
+            gen, tx, config.init_from, abstract_state, state_shardings, mesh
+        )
 
     def loss_fn(params, batch, rng):
         r_drop, r_loss = jax.random.split(rng)
-        labels = drop_labels(batch["label"], r_drop, config.flow.label_dropout, gen.null_label)
-        return flow_matching_loss(
-            gen.velocity_fn(params), batch["image"], labels, r_loss, config.flow
-        )
+        x0, cond = common.split_batch(batch)
+        # CFG dropout: the null class, or zeroed text embeddings.
+        cond = common.drop_condition(gen, cond, r_drop, config.flow.label_dropout)
+        return flow_matching_loss(gen.velocity_fn(params), x0, cond, r_loss, config.flow)
 
     def train_step(state, batch, rng):
         with axis_rules(rules, mesh):
@@ -87,3 +98,28 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
         sample=sample,
         served_params=served_params,
     )
+
+
+def _pretrained_init(gen, tx, path, abstract_state, state_shardings, mesh):
+    """`rng -> state` whose MMDiT (params and EMA) comes from the checkpoint at `path`;
+    anything else (a label embedder) starts fresh."""
+    mmdit_shardings = state_shardings.params["mmdit"]
+
+    def init_with(rng, mmdit):
+        params = unbox(gen.init_boxed(rng))  # the fresh MMDiT is dead code, never computed
+        params["mmdit"] = mmdit
+        return create_train_state(params, tx)
+
+    # The restored arrays are donated: they become the params; the EMA is a copy.
+    init_jit = jax.jit(
+        init_with,
+        in_shardings=(sharding.replicated(mesh), mmdit_shardings),
+        out_shardings=state_shardings,
+        donate_argnums=1,
+    )
+
+    def init_state(rng):
+        mmdit = common.load_pretrained_mmdit(path, abstract_state.params["mmdit"], "init_from")
+        return init_jit(rng, mmdit)
+
+    return init_state

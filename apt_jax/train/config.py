@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress_bar = True
 
     c.model = model_config("digits")
+    # A params checkpoint written by launch/convert.py to start the MMDiT from
+    # ("": a fresh init); see apt_jax.tasks.sft and apt_jax.tasks.apt.
+    c.init_from = ""
     # Class-conditional recipes: labels -> (context, pooled) via LabelEmbedder.
     c.num_classes = 10
     c.context_tokens = 1
@@ -66,6 +69,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def latents_data_config() -> ml_collections.ConfigDict:
+    """`config.data` of a text-conditioned run on a dataset `launch/prepare_latents.py`
+    built: pass `--config.data.data_dir=DIR --config.data.dataset=NAME`."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="latents",
+            data_dir="",
+            dataset="",
+            eval_split="validation",  # or "train" when no rows are held out
+            worker_count=0,
+            shuffle=True,
+        )
+    )
+
+
 def mmdit_config(config: ml_collections.ConfigDict) -> MMDiTConfig:
     """The `MMDiTConfig` described by `config.model` (validated on construction)."""
     return MMDiTConfig(**config.model.to_dict())
@@ -81,6 +99,33 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.log_every must be a positive int.")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1).")
-    if config.data.name != "digits":
-        raise ValueError(f"config.data.name={config.data.name!r} is unknown; use 'digits'.")
+    validate_data_keys(config)
+    if config.get("init_from") and config.task not in ("sft", "apt"):
+        raise ValueError(
+            f"config.init_from is read by the sft and apt tasks; config.task={config.task!r} "
+            "starts from config.teacher_workdir (a run) instead."
+        )
     mmdit_config(config)  # raises on contradictory model fields
+
+
+DATA_NAMES = ("digits", "latents")
+
+
+def validate_data_keys(config: ml_collections.ConfigDict) -> None:
+    """`config.data` names a known dataset with the keys it needs (no files are read)."""
+    data = config.data
+    if data.name not in DATA_NAMES:
+        raise ValueError(f"config.data.name={data.name!r} is unknown; use one of {DATA_NAMES}.")
+    if data.name == "latents":
+        for key in ("data_dir", "dataset", "eval_split"):
+            if not data.get(key):
+                raise ValueError(
+                    f"config.data.{key} is empty: a latents run needs --config.data.data_dir=DIR "
+                    "--config.data.dataset=NAME (built by launch/prepare_latents.py) and "
+                    "config.data.eval_split (validation or train)."
+                )
+        if config.task not in ("sft", "apt"):
+            raise ValueError(
+                f"config.task={config.task!r} trains on class labels (digits) only; text-"
+                "conditioned latents train with the sft and apt tasks."
+            )
