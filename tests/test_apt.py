@@ -177,7 +177,7 @@ def test_step_updates_d_then_g_through_the_updated_d(exact_tasks, batch):
     disc, gen = apt.make_discriminator(config), common.class_conditional_generator(config)
     settings = apt.loss_settings(config)
     g_tx = make_optimizer(config.generator_optimizer, config.total_steps)
-    d_tx = make_optimizer(config.discriminator_optimizer, config.total_steps)
+    d_tx = apt.discriminator_optimizer(config.discriminator_optimizer, config.total_steps)
     real, labels = jnp.asarray(batch["image"]), jnp.asarray(batch["label"])
     rng = jax.random.key(11)
 
