@@ -41,7 +41,8 @@ def main(argv):
     steps = _STEPS.value or task.config.eval.steps
     cfg = task.config.eval.cfg_scale if _CFG.value is None else _CFG.value
     images, labels = task.sample(state, _NUM.value, steps, cfg, _SEED.value)
-    out = as_path(_OUT.value)  # local or gs://: built in memory, written whole
+    # Local or gs://: built in memory, written whole; ".npz" appended as np.savez(path) did.
+    out = as_path(_OUT.value if _OUT.value.endswith(".npz") else _OUT.value + ".npz")
     out.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, images=images.astype(np.float32), labels=labels.astype(np.int32))
@@ -50,9 +51,7 @@ def main(argv):
         from apt_jax.eval.grid import save_png_grid
 
         save_png_grid(images[:100], _GRID.value, nrow=10)
-    print(
-        f"Wrote {len(images)} samples ({steps} steps, cfg {cfg}, checkpoint {step}) to {_OUT.value}"
-    )
+    print(f"Wrote {len(images)} samples ({steps} steps, cfg {cfg}, checkpoint {step}) to {out}")
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def test_sample_and_evaluate_scripts_take_bucket_paths(teacher_dir, tmp_path):
     import sys
 
     tests = os.path.dirname(os.path.abspath(__file__))
-    cwd, dump, local = tmp_path / "cwd", tmp_path / "bucket", tmp_path / "local.npz"
+    cwd, dump, local = tmp_path / "cwd", tmp_path / "bucket", tmp_path / "local"
     cwd.mkdir()
     code = _LAUNCH_IN_FAKE_BUCKET.format(
         tests=tests,
@@ -213,7 +213,8 @@ def test_sample_and_evaluate_scripts_take_bucket_paths(teacher_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert os.listdir(cwd) == []  # nothing went to a local folder named gs:
     assert sorted(os.listdir(dump / "s")) == ["a.npz", "a.png", "results.json", "results.md"]
-    with np.load(dump / "s" / "a.npz") as remote, np.load(local) as here:
+    # np.savez's ".npz" suffix rule is kept for local --out paths.
+    with np.load(dump / "s" / "a.npz") as remote, np.load(tmp_path / "local.npz") as here:
         assert remote["images"].shape == (12, 8, 8, 1)
         np.testing.assert_array_equal(remote["images"], here["images"])
         np.testing.assert_array_equal(remote["labels"], np.arange(12) % 10)
