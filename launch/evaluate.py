@@ -13,32 +13,40 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-_SAMPLES = flags.DEFINE_multi_string("samples", None, ".npz files written by launch/sample.py.")
+_SAMPLES = flags.DEFINE_multi_string(
+    "samples", None, ".npz files written by launch/sample.py (local or gs://)."
+)
 _NAMES = flags.DEFINE_multi_string("name", None, "Row names (default: the file stems).")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write results.{json,md}.")
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir", None, "Where to write results.{json,md} (local or gs://; default: the first file's)."
+)
 flags.mark_flags_as_required(["samples"])
 
 
 def main(argv):
     del argv
+    import io
+
     import numpy as np
 
     from apt_jax.eval.grid import write_results
     from apt_jax.eval.metrics import evaluate_digits
+    from apt_jax.paths import as_path
 
-    names = _NAMES.value or [os.path.splitext(os.path.basename(p))[0] for p in _SAMPLES.value]
+    # Local paths or URIs (gs://...), read whole through epath.
+    names = _NAMES.value or [as_path(p).stem for p in _SAMPLES.value]
     if len(names) != len(_SAMPLES.value):
         raise app.UsageError("Give one --name per --samples file.")
     rows = []
     for name, path in zip(names, _SAMPLES.value, strict=True):
-        with np.load(path) as f:
+        with np.load(io.BytesIO(as_path(path).read_bytes())) as f:
             metrics = evaluate_digits(f["images"], f["labels"] if "labels" in f else None)
         rows.append({"name": name, **metrics})
-    out_dir = _OUT_DIR.value or os.path.dirname(os.path.abspath(_SAMPLES.value[0]))
+    out_dir = as_path(_OUT_DIR.value) if _OUT_DIR.value else as_path(_SAMPLES.value[0]).parent
     markdown = write_results(
         rows,
-        os.path.join(out_dir, "results.json"),
-        os.path.join(out_dir, "results.md"),
+        out_dir / "results.json",
+        out_dir / "results.md",
         columns=["name", "frechet_distance", "accuracy", "num_samples"],
     )
     print(markdown)

@@ -16,35 +16,42 @@ from absl import app, flags  # noqa: E402
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _NUM = flags.DEFINE_integer("num", 1000, "Number of samples.")
 _STEPS = flags.DEFINE_integer("steps", None, "Euler steps (default: the recipe's).")
-_OUT = flags.DEFINE_string("out", None, "Output .npz path.")
+_OUT = flags.DEFINE_string("out", None, "Output .npz path (local or gs://).")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _CFG = flags.DEFINE_float("cfg", None, "Guidance scale (default: the recipe's).")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: newest).")
-_GRID = flags.DEFINE_string("grid", None, "Optional PNG grid of the first samples.")
+_GRID = flags.DEFINE_string(
+    "grid", None, "Optional PNG grid of the first samples (local or gs://)."
+)
 flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv):
     del argv
+    import io
+
     import jax
     import numpy as np
 
     jax.config.update("jax_threefry_partitionable", True)
+    from apt_jax.paths import as_path
     from apt_jax.tasks.runs import load_run
 
     task, state, step = load_run(_WORKDIR.value, _STEP.value)
     steps = _STEPS.value or task.config.eval.steps
     cfg = task.config.eval.cfg_scale if _CFG.value is None else _CFG.value
     images, labels = task.sample(state, _NUM.value, steps, cfg, _SEED.value)
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    np.savez(_OUT.value, images=images.astype(np.float32), labels=labels.astype(np.int32))
+    # Local or gs://: built in memory, written whole; ".npz" appended as np.savez(path) did.
+    out = as_path(_OUT.value if _OUT.value.endswith(".npz") else _OUT.value + ".npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images.astype(np.float32), labels=labels.astype(np.int32))
+    out.write_bytes(buffer.getvalue())
     if _GRID.value:
         from apt_jax.eval.grid import save_png_grid
 
         save_png_grid(images[:100], _GRID.value, nrow=10)
-    print(
-        f"Wrote {len(images)} samples ({steps} steps, cfg {cfg}, checkpoint {step}) to {_OUT.value}"
-    )
+    print(f"Wrote {len(images)} samples ({steps} steps, cfg {cfg}, checkpoint {step}) to {out}")
 
 
 if __name__ == "__main__":

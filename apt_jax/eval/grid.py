@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -9,6 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from apt_jax.paths import as_path
 
 
 def image_grid(
@@ -59,17 +62,18 @@ def save_png_grid(
     """Writes ``image_grid(images, nrow, padding, upscale)`` to ``path`` as PNG and returns it.
 
     Grayscale grids are written in Pillow mode ``"L"``, colour ones in ``"RGB"``.
-    Parent directories are created.
+    Parent directories are created. ``path`` may be local or a URI (``gs://...``).
     """
     from PIL import Image
 
     grid = image_grid(images, nrow=nrow, padding=padding, upscale=upscale)
     # A 2-D uint8 array becomes mode "L", (H, W, 3) uint8 becomes "RGB".
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    parent = os.path.dirname(os.fspath(path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    img.save(path, format="PNG")
+    buffer = io.BytesIO()  # encoded in memory: bucket objects are written whole
+    img.save(buffer, format="PNG")
+    path = as_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
     return grid
 
 
@@ -133,19 +137,17 @@ def write_results(
 ) -> str:
     """Writes ``results`` (one dict or a list of row dicts) as JSON and as a Markdown table.
 
-    numpy / jax scalars and arrays are converted to plain JSON values. Returns the
+    numpy / jax scalars and arrays are converted to plain JSON values. Paths may be
+    local or URIs (``gs://...``); parent directories are created. Returns the
     Markdown text.
     """
     rows = [results] if isinstance(results, dict) else list(results)
     rows = [_to_json(r) for r in rows]
+    json_path, md_path = as_path(json_path), as_path(md_path)
     for path in (json_path, md_path):
-        parent = os.path.dirname(os.fspath(path))
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump(rows[0] if isinstance(results, dict) else rows, f, indent=2, sort_keys=False)
-        f.write("\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    payload = rows[0] if isinstance(results, dict) else rows
+    json_path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     markdown = results_table_markdown(rows, columns)
-    with open(md_path, "w") as f:
-        f.write(markdown)
+    md_path.write_text(markdown)
     return markdown

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +29,7 @@ from apt_jax.data.pipeline import make_train_iterator
 from apt_jax.models import ClassConditionalMMDiT, TextConditionalMMDiT
 from apt_jax.models.partitioning import logical_shardings, unbox
 from apt_jax.objectives.sft import drop_labels, flow_matching_loss
+from apt_jax.paths import as_path
 from apt_jax.train import sharding
 from apt_jax.train.config import mmdit_config
 
@@ -98,7 +99,7 @@ def run_config(workdir: str, key: str = "teacher_workdir") -> ml_collections.Con
 
     if not workdir:
         raise ValueError(f"config.{key} is empty: pass --config.{key}=DIR.")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not (as_path(workdir) / "checkpoints").is_dir():
         raise ValueError(
             f"config.{key}={workdir!r} holds no checkpoints; train that run first "
             "(see the README's recipes) or fix the path."
@@ -384,11 +385,10 @@ def evaluate_digits_generator(
     )
     metrics = evaluate_digits(images, labels)
     if out_dir is not None and jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
         rows = config.eval.grid_rows
         order = np.argsort(labels[: rows * gen.num_classes], kind="stable")
         grid = images[: rows * gen.num_classes][order]
-        save_png_grid(grid, os.path.join(out_dir, f"samples{tag}_step{step}.png"), nrow=rows)
+        save_png_grid(grid, as_path(out_dir) / f"samples{tag}_step{step}.png", nrow=rows)
     return {f"eval{tag}/{k}": v for k, v in metrics.items() if v is not None}
 
 
@@ -452,17 +452,20 @@ def evaluate_text_generator(
     )
     metrics["sample_std"] = float(np.std(latents))
     if out_dir is not None and jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
+        out = as_path(out_dir)  # local or gs://: the .npz is built in memory, written whole
+        out.mkdir(parents=True, exist_ok=True)
         texts = [records.text(i) for i in range(n)]
+        buffer = io.BytesIO()
         np.savez(
-            os.path.join(out_dir, f"samples{tag}_step{step}.npz"),
+            buffer,
             latents=latents,
             ids=np.array([t[0] for t in texts]),
             captions=np.array([t[1] for t in texts]),
         )
+        (out / f"samples{tag}_step{step}.npz").write_bytes(buffer.getvalue())
         save_png_grid(
             latent_grid_images(latents),
-            os.path.join(out_dir, f"samples{tag}_step{step}.png"),
+            out / f"samples{tag}_step{step}.png",
             nrow=config.eval.grid_rows,
         )
     return {f"eval{tag}/{k}": v for k, v in metrics.items()}

@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from apt_jax.data.pipeline import seek_to_step
+from apt_jax.paths import as_path
 from apt_jax.tasks.common import Task
 from apt_jax.train.checkpoint import Checkpointer
 from apt_jax.train.metrics_writer import MetricWriter, check_finite
@@ -45,7 +46,7 @@ def train(task: Task, workdir: str) -> dict:
       `<workdir>/eval/`.
     """
     config = task.config
-    os.makedirs(workdir, exist_ok=True)
+    as_path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
     ckpt = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
     it = task.make_iterator()
     rng = jax.random.key(config.seed)
@@ -76,7 +77,7 @@ def train(task: Task, workdir: str) -> dict:
         log.info("Resumed from step %d in %s", start, workdir)
 
     writer = MetricWriter(workdir)
-    eval_dir = os.path.join(workdir, "eval")
+    eval_dir = os.fspath(as_path(workdir) / "eval")
     total = config.total_steps
     stopped_early, step = False, start
 
@@ -139,8 +140,11 @@ def train(task: Task, workdir: str) -> dict:
     writer.write_scalars(total, {k: v for k, v in results.items() if k != "step"})
     writer.close()
     if _is_main():
-        with open(os.path.join(eval_dir, f"metrics_step{total}.json"), "w") as f:
-            json.dump({k: float(np.asarray(v)) for k, v in results.items()}, f, indent=2)
+        out = as_path(eval_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"metrics_step{total}.json").write_text(
+            json.dumps({k: float(np.asarray(v)) for k, v in results.items()}, indent=2)
+        )
     if hasattr(it, "close"):
         it.close()
     return results
