@@ -16,8 +16,9 @@ from apt_jax.objectives.sft import drop_labels, flow_matching_loss
 from apt_jax.tasks import common
 from apt_jax.train import sharding
 from apt_jax.train.config import validate_common
+from apt_jax.train.lora_state import create_state, lora_for, model_params, served_params
 from apt_jax.train.optim import make_optimizer, make_schedule
-from apt_jax.train.state import apply_gradients, compute_grads, create_train_state
+from apt_jax.train.state import apply_gradients, compute_grads
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -40,6 +41,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.batch_size={config.batch_size} is not divisible by "
             f"config.optimizer.accumulation_steps={k}."
         )
+    init_workdir = config.get("init_workdir", "")
+    if init_workdir:
+        common.check_same_model(config, common.run_config(init_workdir, "init_workdir"), "init")
+    elif config.get("lora", {}).get("rank", 0):
+        raise ValueError(
+            "config.lora.rank > 0 trains adapters on frozen weights, but config.init_workdir is "
+            "empty (the base would be random): pass --config.init_workdir=RUN (an SFT run)."
+        )
 
 
 def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
@@ -51,9 +60,20 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     tx = make_optimizer(config.optimizer, config.total_steps)
     lr_schedule = make_schedule(config.optimizer, config.total_steps)
 
+    # Full training, or LoRA adapters over frozen weights (config.lora).
+    adapt = lora_for(config.get("lora"), lambda: jax.eval_shape(gen.init_boxed, jax.random.key(0)))
     init_state, abstract_state, state_shardings = common.sharded_init(
-        lambda rng: create_train_state(gen.init_boxed(rng), tx), mesh, rules
+        lambda rng: create_state(gen.init_boxed(rng), tx, adapt), mesh, rules
     )
+    if config.get("init_workdir", ""):
+        init_state = common.init_from_run(
+            config.init_workdir,
+            lambda p: create_state(p, tx, adapt),
+            gen,
+            mesh,
+            rules,
+            state_shardings,
+        )
 
     def loss_fn(params, batch, rng):
         r_drop, r_loss = jax.random.split(rng)
@@ -66,14 +86,17 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
         with axis_rules(rules, mesh):
             rng = jax.random.fold_in(rng, state.step)
             grads, metrics = compute_grads(
-                loss_fn, state.params, batch, rng, config.optimizer.accumulation_steps
+                lambda p, b, r: loss_fn(model_params(state, p), b, r),
+                state.params,
+                batch,
+                rng,
+                config.optimizer.accumulation_steps,
             )
             metrics["grad_norm"] = optax.tree.norm(grads)
             metrics["learning_rate"] = lr_schedule(state.step)
             return apply_gradients(state, grads, tx, config.ema_decay, config.ema_warmup), metrics
 
-    # Samplers serve the EMA weights.
-    served_params = lambda s: s.ema_params  # noqa: E731
+    # Samplers serve the EMA weights (merged onto the base under LoRA).
     evaluate, sample = common.generator_functions(gen, config, served_params)
 
     return common.Task(
