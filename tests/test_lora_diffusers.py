@@ -118,3 +118,70 @@ def test_adapters_outside_the_mmdit_do_not_export(base_folder, tmp_path):
     lora = LoRA.for_params(LoRASettings(2, 2.0, ("to_q", "heads/proj")), tree)
     with pytest.raises(ValueError, match="heads/proj has no diffusers name"):
         diffusers_lora.save_adapters(config, lora, lora.init(tree), tmp_path)
+
+
+@pytest.mark.slow
+def test_launch_convert_exports_a_lora_run(tmp_path):
+    """`launch/convert.py --lora` writes a LoRA run's EMA adapters; diffusers applies them to
+    the exported base exactly as the run's merged export (and apt_jax) computes."""
+    from test_convert_launch import random_params, run_convert
+
+    from apt_jax.models import MMDiT
+    from apt_jax.tasks import build_task
+    from apt_jax.train import sharding
+    from apt_jax.train.checkpoint import Checkpointer
+    from apt_jax.train.config import mmdit_config
+    from configs import digits_sft
+
+    one = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    config = digits_sft.get_config("tiny")
+    task = build_task(config, one)
+    state = task.init_state(jax.random.key(0))
+    base_mmdit = random_params(mmdit_config(config))
+    state = state.replace(ema_params=dict(state.ema_params, mmdit=base_mmdit))
+    with Checkpointer(tmp_path / "base_run", async_save=False) as ckpt:
+        ckpt.save(1, state, config=config)
+
+    lora_config = digits_sft.get_config("tiny")
+    lora_config.init_workdir = str(tmp_path / "base_run")
+    lora_config.update_from_flattened_dict({"lora.rank": 3, "lora.alpha": 6.0})
+    lora_task = build_task(lora_config, one)
+    lora_state = lora_task.init_state(jax.random.key(0))
+    keys = iter(jax.random.split(jax.random.key(4), 100))
+    ema = jax.tree_util.tree_map_with_path(
+        lambda p, x: 0.2 * jax.random.normal(next(keys), x.shape) if p[-1].key == "lora_B" else x,
+        lora_state.ema_params,
+    )
+    lora_state = lora_state.replace(ema_params=ema)
+    with Checkpointer(tmp_path / "lora_run", async_save=False) as ckpt:
+        ckpt.save(1, lora_state, config=lora_config)
+
+    run_convert("--to-diffusers", "--workdir", tmp_path / "base_run", "--out", tmp_path / "base")
+    run_convert(
+        "--to-diffusers", "--lora", "--workdir", tmp_path / "lora_run", "--out", tmp_path / "lora"
+    )
+    run_convert("--to-diffusers", "--workdir", tmp_path / "lora_run", "--out", tmp_path / "merged")
+
+    pipe = pipeline(
+        diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "base", low_cpu_mem_usage=False)
+    )
+    x, t, _, _ = sample_inputs(h=8, w=8, seed=1)
+    ctx = np.random.default_rng(2).normal(size=(2, 5, 64)).astype(np.float32)
+    pooled = np.random.default_rng(3).normal(size=(2, 64)).astype(np.float32)
+    x = x[:, :1]  # digits: one channel
+    base = diffusers_forward(pipe.transformer, x, t, ctx, pooled)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    with_lora = diffusers_forward(pipe.transformer, x, t, ctx, pooled)
+    merged = diffusers.SD3Transformer2DModel.from_pretrained(
+        tmp_path / "merged", low_cpu_mem_usage=False
+    )
+    ours = MMDiT(mmdit_config(lora_config)).apply(
+        {"params": lora_task.served_params(lora_state)["mmdit"]},
+        x.transpose(0, 2, 3, 1),
+        t,
+        ctx,
+        pooled,
+    )
+    assert relative_error(with_lora, base) > 0.05
+    assert relative_error(with_lora, np.asarray(ours)) <= RTOL
+    assert relative_error(diffusers_forward(merged, x, t, ctx, pooled), with_lora) <= RTOL
