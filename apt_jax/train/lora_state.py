@@ -14,6 +14,7 @@ trained tree itself for a plain `TrainState`, `merge(base, trained)` for a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -49,8 +50,6 @@ def lora_for(lora_config: ml_collections.ConfigDict | None, abstract_params: Cal
     if settings is None:
         return None
     if extra:
-        import dataclasses
-
         settings = dataclasses.replace(settings, **extra)
     return lora_lib.LoRA.for_params(settings, abstract_params())
 
