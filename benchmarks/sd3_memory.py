@@ -10,6 +10,10 @@ inputs only (no weight is ever materialised), and prints
     python benchmarks/sd3_memory.py                      # 24 layers, remat none/full, fp32
     python benchmarks/sd3_memory.py --compute_dtypes float32,bfloat16
     python benchmarks/sd3_memory.py --num_layers 2 --latent_size 32   # quick smoke run
+    python benchmarks/sd3_memory.py --lora_ranks 0,16 --remat_policies full   # full vs LoRA
+
+`--lora_ranks`: 0 trains every weight; r > 0 trains rank-r adapters on the
+joint attention's projections (`--lora_targets`), base frozen (`apt_jax.lora`).
 
 The numbers are XLA:CPU's buffer assignment; GPU/TPU compilers schedule and
 fuse differently (and may use fused attention), so read them as estimates of
@@ -36,13 +40,15 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
+from apt_jax.lora import LoRA, LoRASettings  # noqa: E402
 from apt_jax.models import MMDiT, dummy_inputs, get_variant, param_count  # noqa: E402
 from apt_jax.models.axes import DEFAULT_RULES  # noqa: E402
 from apt_jax.models.partitioning import axis_rules, logical_shardings, unbox  # noqa: E402
 from apt_jax.objectives.sft import flow_matching_loss  # noqa: E402
 from apt_jax.train import sharding  # noqa: E402
+from apt_jax.train.lora_state import create_state, model_params  # noqa: E402
 from apt_jax.train.optim import make_optimizer  # noqa: E402
-from apt_jax.train.state import apply_gradients, compute_grads, create_train_state  # noqa: E402
+from apt_jax.train.state import apply_gradients, compute_grads  # noqa: E402
 
 GiB = 2**30
 FLOW = dict(
@@ -71,15 +77,23 @@ ADAMW = ml_collections.ConfigDict(
 EMA_DECAY = 0.999
 
 
-def build_step(config, mesh, batch_size: int, latent_size: int, context_len: int):
+def build_step(
+    config, mesh, batch_size: int, latent_size: int, context_len: int, lora_settings=None
+):
     """(jitted step, abstract state, abstract batch, abstract rng) for one config."""
     rules = DEFAULT_RULES
     tx = make_optimizer(ADAMW, total_steps=1000)
     model = MMDiT(config)
+    lora = None
+    if lora_settings is not None:
+        boxed_params = jax.eval_shape(
+            lambda r: model.init(r, *dummy_inputs(config))["params"], jax.random.key(0)
+        )
+        lora = LoRA.for_params(lora_settings, boxed_params)
 
     def init_boxed(rng):
         params = model.init(rng, *dummy_inputs(config))["params"]
-        return create_train_state(params, tx)
+        return create_state(params, tx, lora)
 
     # Shapes and logical names only: nothing is allocated.
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
@@ -112,7 +126,9 @@ def build_step(config, mesh, batch_size: int, latent_size: int, context_len: int
     def train_step(state, batch, rng):
         with axis_rules(rules, mesh):
             rng = jax.random.fold_in(rng, state.step)
-            grads, metrics = compute_grads(loss_fn, state.params, batch, rng)
+            grads, metrics = compute_grads(
+                lambda p, b, r: loss_fn(model_params(state, p), b, r), state.params, batch, rng
+            )
             return apply_gradients(state, grads, tx, EMA_DECAY), metrics
 
     step = jax.jit(
@@ -124,7 +140,7 @@ def build_step(config, mesh, batch_size: int, latent_size: int, context_len: int
     return step, abstract_state, abstract_batch, abstract_rng
 
 
-def measure(args, remat_policy: str, compute_dtype: str) -> dict:
+def measure(args, remat_policy: str, compute_dtype: str, lora_rank: int = 0) -> dict:
     config = get_variant(
         "sd3-medium",
         scan_layers=True,
@@ -135,7 +151,10 @@ def measure(args, remat_policy: str, compute_dtype: str) -> dict:
     )
     mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
     batch = args.batch_per_device * sharding.batch_divisor(mesh)
-    step, state, data, rng = build_step(config, mesh, batch, args.latent_size, args.context_len)
+    settings = LoRASettings(lora_rank, lora_rank, args.lora_targets) if lora_rank else None
+    step, state, data, rng = build_step(
+        config, mesh, batch, args.latent_size, args.context_len, settings
+    )
     t0 = time.perf_counter()
     lowered = step.lower(state, data, rng)
     t1 = time.perf_counter()
@@ -149,7 +168,9 @@ def measure(args, remat_policy: str, compute_dtype: str) -> dict:
         param_dtype=args.param_dtype,
         compute_dtype=compute_dtype,
         num_layers=args.num_layers,
-        params=param_count(state.params),
+        params=param_count(state.base if lora_rank else state.params),
+        lora_rank=lora_rank,
+        trained=param_count(state.params),
         argument=arg,
         output=out,
         alias=alias,
@@ -170,12 +191,16 @@ def markdown(rows: list[dict], args) -> str:
         f"({tokens} image + {args.context_len} text tokens), AdamW + EMA, XLA:CPU "
         "memory_analysis per device (GiB):",
         "",
-        "| remat | params | compute | arguments | outputs | aliased | temp | total | compile s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| trained | remat | params | compute | arguments | outputs | aliased | temp | total "
+        "| compile s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        trained = (
+            f"LoRA r={r['lora_rank']} ({r['trained'] / 1e6:.1f} M)" if r["lora_rank"] else "all"
+        )
         lines.append(
-            f"| {r['remat']} | {r['param_dtype']} | {r['compute_dtype']} "
+            f"| {trained} | {r['remat']} | {r['param_dtype']} | {r['compute_dtype']} "
             f"| {r['argument'] / GiB:.2f} | {r['output'] / GiB:.2f} | {r['alias'] / GiB:.2f} "
             f"| {r['temp'] / GiB:.2f} | {r['total'] / GiB:.2f} "
             f"| {r['lower_s'] + r['compile_s']:.0f} |"
@@ -194,6 +219,8 @@ def main():
     parser.add_argument("--batch_per_device", type=int, default=1)
     parser.add_argument("--latent_size", type=int, default=128)
     parser.add_argument("--context_len", type=int, default=333)
+    parser.add_argument("--lora_ranks", default="0", help="0: all weights; r: LoRA rank r.")
+    parser.add_argument("--lora_targets", default="to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj")
     parser.add_argument("--json", default=None, help="Also write the rows to this file.")
     args = parser.parse_args()
     jax.config.update("jax_threefry_partitionable", True)
@@ -202,10 +229,12 @@ def main():
 
     rows = []
     for dtype in args.compute_dtypes.split(","):
-        for policy in args.remat_policies.split(","):
-            row = measure(args, policy, dtype)
+        for policy, rank in [
+            (p, int(r)) for p in args.remat_policies.split(",") for r in args.lora_ranks.split(",")
+        ]:
+            row = measure(args, policy, dtype, rank)
             print(
-                f"remat={policy} compute={dtype}: temp {row['temp'] / GiB:.2f} GiB, "
+                f"remat={policy} compute={dtype} lora={rank}: temp {row['temp'] / GiB:.2f} GiB, "
                 f"total {row['total'] / GiB:.2f} GiB (compiled in {row['compile_s']:.0f} s)",
                 flush=True,
             )

@@ -21,6 +21,7 @@ def get_config(variant: str = ""):
     c.optimizer.warmup_steps = 100
     c.optimizer.schedule = "cosine"
     c.ema_decay = 0.995
+    c.init_workdir = ""  # start from this run's served weights (LoRA: the frozen base)
 
     c.flow = dict(
         density="logit_normal",

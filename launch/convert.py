@@ -12,7 +12,13 @@ apt_jax -> diffusers folder (`SD3Transformer2DModel.from_pretrained(DIR)` loads 
       [--dtype bfloat16] [--max_shard_size 5GB]
 
 From a run, the generator's EMA weights are exported by default (`--noema`: the
-trained weights). Only the MMDiT is written: a class-conditional run's label
+trained weights); a LoRA run's adapters are merged into their base first, or,
+with `--lora`, written alone as a diffusers LoRA file that
+`StableDiffusion3Pipeline.load_lora_weights(DIR)` reads:
+
+  python launch/convert.py --to-diffusers --lora --workdir RUN --out DIR
+
+Only the MMDiT is written: a class-conditional run's label
 embedder has no diffusers counterpart and is left out.
 """
 
@@ -48,16 +54,34 @@ _EMA = flags.DEFINE_bool("ema", True, "From a run: export the EMA weights (--noe
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "From a run: checkpoint step (newest).")
 _MAX_SHARD = flags.DEFINE_string("max_shard_size", None, "diffusers shard size, e.g. 5GB.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing params checkpoint.")
+_LORA = flags.DEFINE_bool(
+    "lora", False, "From a LoRA run: write its adapters alone (diffusers LoRA safetensors)."
+)
 flags.mark_flag_as_required("out")
 
 
-def _generator_params(state, use_ema: bool):
-    """The MMDiT parameters of a run's state (single- or multi-role)."""
+def _generator_state(state):
+    """The generator's TrainState and the frozen base its LoRA adapters apply to (or None)."""
+    from apt_jax.train.lora_state import LoRATrainState
+
     if isinstance(state, dict) and "generator" in state:
         state = state["generator"]
+    if isinstance(state, dict) and "student" in state:  # distillation: the teacher is the base
+        return state["student"], state["teacher"]
+    return state, (state.base if isinstance(state, LoRATrainState) else None)
+
+
+def _generator_params(task, state, use_ema: bool):
+    """The MMDiT parameters of a run's state (single- or multi-role), adapters merged."""
+    from apt_jax.train.lora_state import lora_for
+
+    state, base = _generator_state(state)
     params = state.ema_params if use_ema else state.params
     if params is None:
         raise ValueError("This run keeps no EMA weights; pass --noema.")
+    lora = lora_for(task.config.get("lora"), lambda: base)
+    if lora is not None:
+        params = lora.merge(base, params)
     if isinstance(params, dict) and "mmdit" in params:
         dropped = sorted(k for k in params if k != "mmdit")
         if dropped:
@@ -96,7 +120,10 @@ def to_diffusers() -> None:
 
         task, state, step = load_run(_WORKDIR.value, _STEP.value)
         config = mmdit_config(task.config)
-        params = _generator_params(state, _EMA.value)
+        if _LORA.value:
+            write_adapters(task, state, config, step)
+            return
+        params = _generator_params(task, state, _EMA.value)
         source = f"{_WORKDIR.value} step {step} ({'EMA' if _EMA.value else 'trained'} weights)"
     else:
         from apt_jax.convert.params_checkpoint import load_params
@@ -114,6 +141,20 @@ def to_diffusers() -> None:
     print(f"Wrote diffusers SD3Transformer2DModel from {source} to {_OUT.value}")
 
 
+def write_adapters(task, state, config, step) -> None:
+    from apt_jax.convert import diffusers_lora
+    from apt_jax.train.lora_state import lora_for
+
+    state, base = _generator_state(state)
+    lora = lora_for(task.config.get("lora"), lambda: base)
+    if lora is None:
+        raise app.UsageError(f"--lora: {_WORKDIR.value} is not a LoRA run (config.lora.rank 0).")
+    adapters = state.ema_params if _EMA.value else state.params
+    path = diffusers_lora.save_adapters(config, lora, adapters, _OUT.value)
+    which = "EMA" if _EMA.value else "trained"
+    print(f"Wrote the {which} LoRA adapters of {_WORKDIR.value} step {step} to {path}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -126,6 +167,8 @@ def main(argv):
             raise app.UsageError("--diffusers is the input of the other direction.")
         if bool(_WORKDIR.value) == bool(_PARAMS.value):
             raise app.UsageError("--to-diffusers needs exactly one of --workdir or --params.")
+        if _LORA.value and not _WORKDIR.value:
+            raise app.UsageError("--lora needs --workdir (a LoRA run).")
         if _SCAN.value or _REMAT.value:
             raise app.UsageError("--scan_layers / --remat_policy only apply with --diffusers.")
         to_diffusers()

@@ -43,3 +43,13 @@ def axis_rules(rules: Rules, mesh: Mesh | None = None):
             stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
         stack.enter_context(nn.logical_axis_rules([tuple(r) for r in rules]))
         yield
+
+
+def logical_names(x: Any) -> tuple | None:
+    """The logical axis names of a boxed leaf (`nn.LogicallyPartitioned`), None if unboxed."""
+    return tuple(x.names) if isinstance(x, nn.LogicallyPartitioned) else None
+
+
+def box(value: Any, names: tuple | None) -> Any:
+    """`value` boxed with logical axis `names` (returned as is when `names` is None)."""
+    return value if names is None else nn.LogicallyPartitioned(value, names)

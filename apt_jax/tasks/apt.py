@@ -42,13 +42,20 @@ import optax
 
 from apt_jax import sampling
 from apt_jax.models import APTDiscriminator, ClassConditionalMMDiT
-from apt_jax.models.partitioning import axis_rules, unbox
+from apt_jax.models.partitioning import axis_rules, logical_shardings, unbox
 from apt_jax.objectives.apt import APTLossSettings, discriminator_loss, generator_loss
 from apt_jax.tasks import common
 from apt_jax.train import sharding
 from apt_jax.train.config import validate_common
+from apt_jax.train.lora_state import (
+    LoRATrainState,
+    create_state,
+    lora_for,
+    model_params,
+    served_params,
+)
 from apt_jax.train.optim import make_optimizer, make_schedule
-from apt_jax.train.state import apply_gradients, create_train_state
+from apt_jax.train.state import apply_gradients
 
 ROLES = ("generator", "discriminator")
 
@@ -207,7 +214,7 @@ class APTStep:
             return discriminator_loss(
                 self.disc,
                 self.settings,
-                p,
+                model_params(d, p),
                 real,
                 jax.lax.stop_gradient(fake),
                 labels,
@@ -226,7 +233,7 @@ class APTStep:
         z = jax.random.normal(r_z, real.shape, real.dtype)
 
         # 1. G's samples and their pullback.
-        fake, g_pullback = jax.vjp(lambda p: self.generate(p, z, labels), g.params)
+        fake, g_pullback = jax.vjp(lambda p: self.generate(model_params(g, p), z, labels), g.params)
         # 2. D update.
         new_d, metrics = self.discriminator_update(d, real, fake, labels, r_d)
 
@@ -235,7 +242,7 @@ class APTStep:
             return generator_loss(
                 self.disc,
                 self.settings,
-                new_d.params,
+                model_params(new_d),
                 x_hat,
                 real,
                 labels,
@@ -265,20 +272,31 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     d_lr = make_schedule(config.discriminator_optimizer, total)
 
     # ------------------------------------------------------------ sharded state
+    # Under LoRA (config.lora) G trains adapters over the generator run's
+    # weights; with lora.train_discriminator D too, over the teacher's
+    # backbone, its fresh heads trained in full.
+    key = jax.random.key(0)
+    g_lora = lora_for(config.get("lora"), lambda: jax.eval_shape(gen.init_boxed, key))
+    d_lora = None
+    if g_lora is not None and config.lora.get("train_discriminator", False):
+        abstract_d = lambda: jax.eval_shape(disc.init_boxed, key)  # noqa: E731
+        d_lora = lora_for(config.lora, abstract_d, modules_to_save=("heads",))
+
     def boxed_init(rng):
         return {
-            "generator": create_train_state(gen.init_boxed(rng), g_tx),
-            "discriminator": create_train_state(disc.init_boxed(rng), d_tx, ema=False),
+            "generator": create_state(gen.init_boxed(rng), g_tx, g_lora),
+            "discriminator": create_state(disc.init_boxed(rng), d_tx, d_lora, ema=False),
         }
 
     abstract_state, state_shardings = common.abstract_state(boxed_init, mesh, rules)
-    gen_shardings = state_shardings["generator"].params
+    # The source runs' served params arrive in the generator's parameter shardings.
+    gen_shardings = logical_shardings(jax.eval_shape(gen.init_boxed, key), mesh, rules)
 
     def _assemble(rng, teacher, generator):
         d_params = unbox(disc.init_boxed(rng, teacher))
         return {
-            "generator": create_train_state(generator, g_tx),
-            "discriminator": create_train_state(d_params, d_tx, ema=False),
+            "generator": create_state(generator, g_tx, g_lora),
+            "discriminator": create_state(d_params, d_tx, d_lora, ema=False),
         }
 
     assemble = jax.jit(
@@ -299,7 +317,11 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
                 start[role] = task.served_params(state)
             else:
                 if key not in loaded:  # one checkpoint for both: read once
-                    abstract = abstract_state["generator"].params["mmdit"]
+                    g_abstract = abstract_state["generator"]
+                    if isinstance(g_abstract, LoRATrainState):  # the frozen base
+                        abstract = g_abstract.base["mmdit"]
+                    else:
+                        abstract = g_abstract.params["mmdit"]
                     loaded[key] = {
                         "mmdit": common.load_pretrained_mmdit(config[key], abstract, key)
                     }
@@ -325,8 +347,8 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
             metrics["g_learning_rate"] = g_lr(state["generator"].step)
             return new_state, metrics
 
-    served_params = lambda s: s["generator"].ema_params  # noqa: E731
-    evaluate, sample = common.generator_functions(gen, config, served_params)
+    served = lambda s: served_params(s["generator"])  # noqa: E731
+    evaluate, sample = common.generator_functions(gen, config, served)
 
     return common.Task(
         config=config,
@@ -337,5 +359,5 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
         make_iterator=common.iterator_factory(config),
         evaluate=evaluate,
         sample=sample,
-        served_params=served_params,
+        served_params=served,
     )

@@ -137,6 +137,28 @@ def check_same_model(config, source_config, what: str = "teacher") -> None:
         )
 
 
+def init_from_run(
+    workdir: str, make_state: Callable, gen: ClassConditionalMMDiT, mesh: Mesh, rules, shardings
+) -> Callable:
+    """`init_state` whose state is `make_state(params)` of the served params of `workdir`'s run.
+
+    `shardings` are the state's; the params arrive in the generator's shardings.
+    """
+    boxed = jax.eval_shape(gen.init_boxed, jax.random.key(0))
+    assemble = jax.jit(
+        make_state, in_shardings=(logical_shardings(boxed, mesh, rules),), out_shardings=shardings
+    )
+
+    def init_state(rng):
+        del rng  # the weights come from the run
+        from apt_jax.tasks.runs import load_run
+
+        task, state, _ = load_run(workdir, mesh=mesh)
+        return assemble(task.served_params(state))
+
+    return init_state
+
+
 def _norm(v):
     return list(v) if isinstance(v, tuple | list) else v
 

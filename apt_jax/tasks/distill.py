@@ -41,6 +41,7 @@ from apt_jax.objectives.distill import (
 from apt_jax.tasks import common
 from apt_jax.train import sharding
 from apt_jax.train.config import validate_common
+from apt_jax.train.lora_state import lora_for
 from apt_jax.train.optim import make_optimizer, make_schedule
 from apt_jax.train.state import apply_gradients, compute_grads, create_train_state
 
@@ -120,17 +121,27 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     lr_schedule = make_schedule(config.optimizer, config.total_steps)
     _, image_shape = common.make_source(config)
 
-    # Sharded state: the student starts from the teacher's (EMA) weights.
+    # Sharded state: the student starts from the teacher's (EMA) weights. Under
+    # LoRA (config.lora) the student trains adapters whose frozen base is the
+    # teacher itself, so the weights are held once.
     boxed_params = jax.eval_shape(gen.init_boxed, jax.random.key(0))
     param_shardings = logical_shardings(boxed_params, mesh, rules)
+    adapt = lora_for(config.get("lora"), lambda: boxed_params)
+
+    def new_student(teacher):
+        return create_train_state(teacher if adapt is None else adapt.init(teacher), tx)
+
+    def student_params(state, trained):
+        """The student's full weights for its trained tree (params or adapters)."""
+        return trained if adapt is None else adapt.merge(state["teacher"], trained)
 
     def boxed_init(rng):
         params = gen.init_boxed(rng)
-        return {"student": create_train_state(params, tx), "teacher": params}
+        return {"student": new_student(params), "teacher": params}
 
     abstract_state, state_shardings = common.abstract_state(boxed_init, mesh, rules)
     from_teacher = jax.jit(
-        lambda t: {"student": create_train_state(t, tx), "teacher": t},
+        lambda t: {"student": new_student(t), "teacher": t},
         in_shardings=(param_shardings,),
         out_shardings=state_shardings,
     )
@@ -177,7 +188,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
             rng = jax.random.fold_in(rng, s.step)
             z, target = targets_and_noise(state["teacher"], batch, rng)
             grads, metrics = compute_grads(
-                loss_fn,
+                lambda p, *a: loss_fn(student_params(state, p), *a),
                 s.params,
                 (z, batch["label"], target),
                 rng,
@@ -201,7 +212,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     else:
         make_iterator = common.iterator_factory(config)
 
-    served_params = lambda s: s["student"].ema_params  # noqa: E731
+    served_params = lambda s: student_params(s, s["student"].ema_params)  # noqa: E731
     evaluate, sample = common.generator_functions(gen, config, served_params)
 
     return common.Task(

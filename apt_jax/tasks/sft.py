@@ -20,8 +20,15 @@ from apt_jax.objectives.sft import flow_matching_loss
 from apt_jax.tasks import common
 from apt_jax.train import sharding
 from apt_jax.train.config import validate_common
+from apt_jax.train.lora_state import (
+    LoRATrainState,
+    create_state,
+    lora_for,
+    model_params,
+    served_params,
+)
 from apt_jax.train.optim import make_optimizer, make_schedule
-from apt_jax.train.state import apply_gradients, compute_grads, create_train_state
+from apt_jax.train.state import apply_gradients, compute_grads
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -45,8 +52,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.optimizer.accumulation_steps={k}."
         )
     common.validate_data(config)
-    if config.get("init_from"):
+    init_from, init_workdir = config.get("init_from", ""), config.get("init_workdir", "")
+    if init_from and init_workdir:
+        raise ValueError(
+            "config.init_from (a converted checkpoint) and config.init_workdir (a run) both "
+            "name the starting weights; set one."
+        )
+    if init_from:
         common.check_pretrained(config, "init_from")
+    elif init_workdir:
+        common.check_same_model(config, common.run_config(init_workdir, "init_workdir"), "init")
+    elif config.get("lora", {}).get("rank", 0):
+        raise ValueError(
+            "config.lora.rank > 0 trains adapters on frozen weights, but neither "
+            "config.init_workdir (an SFT run) nor config.init_from (a converted checkpoint) is "
+            "set (the base would be random): pass one, e.g. --config.init_workdir=RUN."
+        )
 
 
 def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
@@ -58,12 +79,28 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     tx = make_optimizer(config.optimizer, config.total_steps)
     lr_schedule = make_schedule(config.optimizer, config.total_steps)
 
+    # Full training, or LoRA adapters over frozen weights (config.lora).
+    adapt = lora_for(config.get("lora"), lambda: jax.eval_shape(gen.init_boxed, jax.random.key(0)))
     init_state, abstract_state, state_shardings = common.sharded_init(
-        lambda rng: create_train_state(gen.init_boxed(rng), tx), mesh, rules
+        lambda rng: create_state(gen.init_boxed(rng), tx, adapt), mesh, rules
     )
-    if config.get("init_from"):
+    if config.get("init_from", ""):
         init_state = _pretrained_init(
-            gen, tx, config.init_from, abstract_state, state_shardings, mesh
+            gen,
+            lambda p: create_state(p, tx, adapt),
+            config.init_from,
+            abstract_state,
+            state_shardings,
+            mesh,
+        )
+    elif config.get("init_workdir", ""):
+        init_state = common.init_from_run(
+            config.init_workdir,
+            lambda p: create_state(p, tx, adapt),
+            gen,
+            mesh,
+            rules,
+            state_shardings,
         )
 
     def loss_fn(params, batch, rng):
@@ -77,14 +114,17 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
         with axis_rules(rules, mesh):
             rng = jax.random.fold_in(rng, state.step)
             grads, metrics = compute_grads(
-                loss_fn, state.params, batch, rng, config.optimizer.accumulation_steps
+                lambda p, b, r: loss_fn(model_params(state, p), b, r),
+                state.params,
+                batch,
+                rng,
+                config.optimizer.accumulation_steps,
             )
             metrics["grad_norm"] = optax.tree.norm(grads)
             metrics["learning_rate"] = lr_schedule(state.step)
             return apply_gradients(state, grads, tx, config.ema_decay, config.ema_warmup), metrics
 
-    # Samplers serve the EMA weights.
-    served_params = lambda s: s.ema_params  # noqa: E731
+    # Samplers serve the EMA weights (merged onto the base under LoRA).
     evaluate, sample = common.generator_functions(gen, config, served_params)
 
     return common.Task(
@@ -100,15 +140,20 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     )
 
 
-def _pretrained_init(gen, tx, path, abstract_state, state_shardings, mesh):
-    """`rng -> state` whose MMDiT (params and EMA) comes from the checkpoint at `path`;
-    anything else (a label embedder) starts fresh."""
-    mmdit_shardings = state_shardings.params["mmdit"]
+def _pretrained_init(gen, make_state, path, abstract_state, state_shardings, mesh):
+    """`rng -> state` whose MMDiT (params and EMA, or LoRA's frozen base) comes from the
+    checkpoint at `path`; anything else (a label embedder, adapters) starts fresh.
+
+    `make_state`: `params -> state` (full training or LoRA, `lora_state.create_state`).
+    """
+    base_params = lambda s: s.base if isinstance(s, LoRATrainState) else s.params  # noqa: E731
+    mmdit_abstract = base_params(abstract_state)["mmdit"]
+    mmdit_shardings = base_params(state_shardings)["mmdit"]
 
     def init_with(rng, mmdit):
         params = unbox(gen.init_boxed(rng))  # the fresh MMDiT is dead code, never computed
         params["mmdit"] = mmdit
-        return create_train_state(params, tx)
+        return make_state(params)
 
     # The restored arrays are donated: they become the params; the EMA is a copy.
     init_jit = jax.jit(
@@ -119,7 +164,7 @@ def _pretrained_init(gen, tx, path, abstract_state, state_shardings, mesh):
     )
 
     def init_state(rng):
-        mmdit = common.load_pretrained_mmdit(path, abstract_state.params["mmdit"], "init_from")
+        mmdit = common.load_pretrained_mmdit(path, mmdit_abstract, "init_from")
         return init_jit(rng, mmdit)
 
     return init_state

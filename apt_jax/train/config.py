@@ -60,6 +60,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.999
     c.ema_warmup = True  # decay min(d, (1 + n) / (10 + n)) over the first updates
 
+    # LoRA (apt_jax.lora): rank 0 trains every weight; rank > 0 trains adapters
+    # `W + (alpha / rank) A B` on the dense layers `target_modules` selects
+    # (comma-separated globs on parameter paths, or "re:<regex>"), base frozen.
+    c.lora = ml_collections.ConfigDict(
+        dict(
+            rank=0,
+            alpha=16.0,
+            target_modules="to_q,to_k,to_v,to_out,add_q_proj,add_k_proj,add_v_proj,to_add_out",
+            modules_to_save="",
+            init_seed=0,
+            train_discriminator=False,  # APT: adapters on D's backbone too (heads in full)
+        )
+    )
+
     c.data = ml_collections.ConfigDict(dict(name="digits", worker_count=0, shuffle=True))
 
     # Evaluation during training and defaults of launch/sample.py.
