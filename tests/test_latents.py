@@ -18,10 +18,11 @@ from safetensors.numpy import save_file
 from apt_jax.convert.params_checkpoint import CONFIG_NAME, load_params, save_params
 from apt_jax.data import latents
 from apt_jax.models import TextConditionalMMDiT, abstract_params, get_variant
-from apt_jax.tasks import apt, build_task, sft
+from apt_jax.tasks import apt, build_task, common, sft
 from apt_jax.train import sharding
 from apt_jax.train.loop import train
-from configs import digits_distill, sd3_apt, sd3_sft
+from apt_jax.train.lora_state import lora_for
+from configs import digits_distill, sd3_apt, sd3_apt_lora, sd3_sft, sd3_sft_lora
 
 # The "test" model: 4 latent channels, context width 24, pooled width 20.
 LATENT, CONTEXT, POOLED = (8, 8, 4), (6, 24), (20,)
@@ -329,6 +330,26 @@ def test_sd3_configs_validate(sd3_data, variant):
         config.init_from = str(ckpts[wrong])
         with pytest.raises(ValueError, match="holds another architecture than config.model"):
             task.validate(config)
+
+
+def test_sd3_lora_configs_resolve_their_targets(sd3_data):
+    """The SD3-medium LoRA recipes validate, and their target patterns resolve on the
+    real SD3-medium parameter tree (shapes only: nothing is allocated)."""
+    data_dir, ckpts = sd3_data
+    for module, task in ((sd3_sft_lora, sft), (sd3_apt_lora, apt)):
+        config = module.get_config("sd3-medium")
+        config.data.data_dir, config.data.dataset = data_dir, "sd3"
+        config.init_from = str(ckpts["sd3-medium"])
+        task.validate(config)
+        init = common.make_generator(config).init_boxed
+        adapt = lora_for(config.lora, lambda init=init: jax.eval_shape(init, jax.random.key(0)))
+        got = {(path[1], path[-1]): shape for path, shape in adapt.targets}
+        attn = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out")
+        # Blocks 0-22 are scanned (stacked on a leading axis of 23); block 23 is
+        # context-pre-only (no to_add_out), as in SD3.
+        want = {("transformer_blocks_0_23", m): (23, 1536, 1536) for m in (*attn, "to_add_out")}
+        want.update({("transformer_blocks_23", m): (1536, 1536) for m in attn})
+        assert got == want
 
 
 def test_prepare_latents_cli(tmp_path):
