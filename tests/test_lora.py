@@ -210,7 +210,15 @@ def test_lora_without_a_base_fails_before_compiling(monkeypatch):
     c = digits_sft.get_config("tiny")
     c.lora.rank = 4
     monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled first"))
-    with pytest.raises(ValueError, match="init_workdir is empty"):
+    with pytest.raises(ValueError, match=r"neither config.init_workdir .* nor config.init_from"):
+        build_task(c)
+
+
+def test_two_starting_points_fail_before_compiling(monkeypatch):
+    c = digits_sft.get_config("tiny")
+    c.init_workdir, c.init_from = "runs/sft", "ckpt/sd3"
+    monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled first"))
+    with pytest.raises(ValueError, match="both name the starting weights; set one"):
         build_task(c)
 
 
