@@ -30,24 +30,7 @@ notes on the recipe have the measurements):
                                       at ~400.
 """
 
-import ml_collections
-
-from apt_jax.train.config import base_config, model_config
-
-
-def rmsprop(learning_rate: float) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(
-            name="rmsprop",
-            learning_rate=learning_rate,
-            schedule="constant",
-            warmup_steps=0,
-            rmsprop_decay=0.9,
-            eps=1e-8,
-            grad_clip_norm=0.0,
-            accumulation_steps=1,
-        )
-    )
+from apt_jax.train.config import base_config, model_config, rmsprop_config
 
 
 def get_config(variant: str = ""):
@@ -57,8 +40,8 @@ def get_config(variant: str = ""):
     c.generator_workdir = ""
     c.model = model_config("digits")  # must equal both runs'
     del c["optimizer"]  # one per role instead
-    c.generator_optimizer = rmsprop(3e-5)
-    c.discriminator_optimizer = rmsprop(3e-4)
+    c.generator_optimizer = rmsprop_config(3e-5)
+    c.discriminator_optimizer = rmsprop_config(3e-4)
     # The fresh heads learn at 10x the teacher-initialised backbone's rate.
     c.discriminator_optimizer.head_lr_multiplier = 10.0
     c.ema_decay = 0.995

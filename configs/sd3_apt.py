@@ -27,26 +27,9 @@ sigma 0.01; D noising `t ~ shift(U(0, 1), 1)`; EMA 0.995. The paper's batch is
 found AAPT's relativistic loss steadier at toy scale: `--config.loss=relativistic`.
 """
 
-import ml_collections
-
-from apt_jax.train.config import base_config, latents_data_config, model_config
+from apt_jax.train.config import base_config, latents_data_config, model_config, rmsprop_config
 
 SD3_VARIANTS = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
-
-
-def rmsprop(learning_rate: float) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(
-            name="rmsprop",
-            learning_rate=learning_rate,
-            schedule="constant",
-            warmup_steps=0,
-            rmsprop_decay=0.9,
-            eps=1e-8,
-            grad_clip_norm=0.0,
-            accumulation_steps=1,
-        )
-    )
 
 
 def get_config(variant: str = "sd3-medium"):
@@ -68,8 +51,8 @@ def get_config(variant: str = "sd3-medium"):
     c.mesh.data = 1
     c.mesh.fsdp = -1
     del c["optimizer"]  # one per role instead
-    c.generator_optimizer = rmsprop(5e-6)
-    c.discriminator_optimizer = rmsprop(5e-6)
+    c.generator_optimizer = rmsprop_config(5e-6)
+    c.discriminator_optimizer = rmsprop_config(5e-6)
     c.ema_decay = 0.995
     c.ema_warmup = True
 

@@ -16,6 +16,7 @@ from apt_jax.objectives.apt import APTLossSettings, discriminator_loss, generato
 from apt_jax.tasks import apt, build_task, common
 from apt_jax.tasks.runs import load_run
 from apt_jax.train import sharding
+from apt_jax.train.config import rmsprop_config
 from apt_jax.train.loop import train
 from apt_jax.train.optim import make_optimizer
 from configs import digits_apt
@@ -143,7 +144,7 @@ def test_exact_weight_defaults_to_lambda_sigma_squared():
 def test_head_lr_multiplier_scales_only_the_heads_updates():
     params = {"mmdit": {"w": jnp.ones((3, 2))}, "heads": {"w": jnp.ones(4), "b": jnp.ones(())}}
     grads = jax.tree.map(lambda x: jnp.linspace(-1.0, 2.0, x.size).reshape(x.shape), params)
-    opt = digits_apt.rmsprop(1e-3)
+    opt = rmsprop_config(1e-3)
 
     def updates(multiplier):
         opt.head_lr_multiplier = multiplier

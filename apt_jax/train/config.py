@@ -98,6 +98,23 @@ def latents_data_config() -> ml_collections.ConfigDict:
     )
 
 
+def rmsprop_config(learning_rate: float) -> ml_collections.ConfigDict:
+    """An optimizer block (`config.*_optimizer`) for APT's RMSProp: alpha 0.9, constant
+    rate, no warm-up, no clipping, no accumulation (the paper's settings)."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="rmsprop",
+            learning_rate=learning_rate,
+            schedule="constant",
+            warmup_steps=0,
+            rmsprop_decay=0.9,
+            eps=1e-8,
+            grad_clip_norm=0.0,
+            accumulation_steps=1,
+        )
+    )
+
+
 def mmdit_config(config: ml_collections.ConfigDict) -> MMDiTConfig:
     """The `MMDiTConfig` described by `config.model` (validated on construction)."""
     return MMDiTConfig(**config.model.to_dict())
