@@ -23,10 +23,8 @@ import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 
-from apt_jax.tasks import build_task  # noqa: E402
-from apt_jax.train import sharding  # noqa: E402
 from apt_jax.train.checkpoint import Checkpointer  # noqa: E402
-from benchmarks.sft_benchmark import bench_config, synthetic_batch  # noqa: E402
+from benchmarks.sft_benchmark import bench_config, compile_step  # noqa: E402
 from configs.digits_distill_lora import BLOCK_LAYERS  # noqa: E402
 
 ATTENTION = "to_q,to_k,to_v,to_out,add_q_proj,add_k_proj,add_v_proj,to_add_out"
@@ -37,13 +35,7 @@ def nbytes(tree) -> int:
 
 
 def measure(config, repeats: int):
-    task = build_task(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
-    state = task.init_state(jax.random.key(0))
-    batch = synthetic_batch(config.batch_size, task.mesh)
-    rng = jax.random.key(1)
-    t = time.perf_counter()
-    compiled = task.train_step.lower(state, batch, rng).compile()
-    compile_s = time.perf_counter() - t
+    task, compiled, state, batch, rng, compile_s = compile_step(config)
     row = dict(
         trained=sum(x.size for x in jax.tree.leaves(state.params)),
         opt=nbytes(state.opt_state),
