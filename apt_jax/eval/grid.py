@@ -77,6 +77,56 @@ def save_png_grid(
     return grid
 
 
+def save_video_strips(
+    videos: np.ndarray, path: str | os.PathLike, upscale: int = 4, padding: int = 1
+) -> np.ndarray:
+    """Writes clips ``(N, F, H, W, C)`` in ``[-1, 1]`` as one PNG, a clip per row and a
+    frame per column (time runs left to right); returns the grid."""
+    x = np.asarray(videos)
+    if x.ndim != 5:
+        raise ValueError(f"videos must be (N, F, H, W, C); got {x.shape}.")
+    return save_png_grid(
+        x.reshape(-1, *x.shape[2:]), path, nrow=x.shape[1], upscale=upscale, padding=padding
+    )
+
+
+def save_video_gif(
+    videos: np.ndarray,
+    path: str | os.PathLike,
+    nrow: int,
+    upscale: int = 4,
+    padding: int = 1,
+    frame_ms: int = 200,
+) -> list[np.ndarray]:
+    """Writes clips ``(N, F, H, W, 1)`` in ``[-1, 1]`` as an animated GIF: frame ``f``
+    of the GIF is the grid (``nrow`` clips per row) of every clip's frame ``f``.
+
+    Loops forever, ``frame_ms`` per frame. Returns the ``F`` grids (uint8).
+    """
+    from PIL import Image
+
+    x = np.asarray(videos)
+    if x.ndim != 5 or x.shape[-1] != 1:
+        raise ValueError(f"videos must be grayscale clips (N, F, H, W, 1); got {x.shape}.")
+    grids = [
+        image_grid(x[:, f], nrow=nrow, padding=padding, upscale=upscale) for f in range(x.shape[1])
+    ]
+    frames = [Image.fromarray(g[..., 0]) for g in grids]
+    buffer = io.BytesIO()
+    frames[0].save(
+        buffer,
+        format="GIF",
+        save_all=True,
+        append_images=frames[1:],
+        duration=frame_ms,
+        loop=0,
+    )
+    path = as_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
+    return grids
+
+
 def _format_cell(value: Any) -> str:
     if value is None:
         return ""

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from apt_jax import sampling
 from apt_jax.data import digits
+from apt_jax.data.moving_digits import MovingDigitsSource
 from apt_jax.data.pipeline import make_train_iterator
 from apt_jax.models import ClassConditionalMMDiT, TextConditionalMMDiT
 from apt_jax.models.partitioning import logical_shardings, unbox
@@ -177,7 +178,7 @@ def jit_train_step(step_fn: Callable, state_shardings: Any, mesh: Mesh) -> Calla
 
 # ------------------------------------------------------- data and conditioning
 # What each dataset conditions on.
-DATA_CONDITIONING = {"digits": "class", "latents": "text"}
+DATA_CONDITIONING = {"digits": "class", "moving_digits": "class", "latents": "text"}
 
 Generator = ClassConditionalMMDiT | TextConditionalMMDiT
 
@@ -196,6 +197,9 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
     """The data source named by `config.data.name` and its example shape."""
     if config.data.name == "digits":
         return digits.DigitsSource(), digits.IMAGE_SHAPE
+    if config.data.name == "moving_digits":
+        source = moving_digits_source(config.data)
+        return source, source.video_shape
     if config.data.name == "latents":
         from apt_jax.data.latents import LatentRecords
 
@@ -203,6 +207,17 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
         return records, records.spec.shapes.latent
     raise ValueError(
         f"config.data.name={config.data.name!r} is unknown; use one of {sorted(DATA_CONDITIONING)}."
+    )
+
+
+def moving_digits_source(data: ml_collections.ConfigDict) -> MovingDigitsSource:
+    """The clips `config.data` describes (`train.config.moving_digits_data_config`)."""
+    return MovingDigitsSource(
+        num_frames=data.num_frames,
+        canvas=data.canvas,
+        max_speed=data.max_speed,
+        num_clips=data.num_clips,
+        seed=data.seed,
     )
 
 
@@ -225,9 +240,12 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
 
 
 def split_batch(batch: dict) -> tuple[jax.Array, Any]:
-    """`(x, cond)` of a batch: `(image, label)`, or `(latent, {"context", "pooled"})`."""
+    """`(x, cond)` of a batch: `(image, label)`, `(video, label)`, or
+    `(latent, {"context", "pooled"})`."""
     if "latent" in batch:
         return batch["latent"], {"context": batch["context"], "pooled": batch["pooled"]}
+    if "video" in batch:
+        return batch["video"], batch["label"]
     return batch["image"], batch["label"]
 
 
@@ -389,10 +407,16 @@ def evaluate_digits_generator(
     steps: int | None = None,
     tag: str = "",
 ) -> dict:
-    """Samples `config.eval.num_samples`, writes a PNG grid, returns FD and accuracy."""
+    """Samples `config.eval.num_samples`, writes a PNG grid, returns FD and accuracy.
+
+    Moving digits: per-frame distance, per-frame accuracy and the motion
+    measures (`apt_jax.eval.video_metrics`), and the clips as PNG strips and a GIF.
+    """
     from apt_jax.eval.grid import save_png_grid
     from apt_jax.eval.metrics import evaluate_digits
 
+    if config.data.name == "moving_digits":
+        return evaluate_video_generator(gen, params, config, step, out_dir, steps=steps, tag=tag)
     _, image_shape = make_source(config)
     steps = steps or config.eval.steps
     images, labels = generate(
@@ -411,6 +435,42 @@ def evaluate_digits_generator(
         order = np.argsort(labels[: rows * gen.num_classes], kind="stable")
         grid = images[: rows * gen.num_classes][order]
         save_png_grid(grid, as_path(out_dir) / f"samples{tag}_step{step}.png", nrow=rows)
+    return {f"eval{tag}/{k}": v for k, v in metrics.items() if v is not None}
+
+
+def evaluate_video_generator(
+    gen: ClassConditionalMMDiT,
+    params: Any,
+    config: ml_collections.ConfigDict,
+    step: int,
+    out_dir: str | None,
+    *,
+    steps: int | None = None,
+    tag: str = "",
+) -> dict:
+    """`evaluate_digits_generator` for moving-digits clips `(N, F, S, S, 1)`."""
+    from apt_jax.eval.grid import save_video_gif, save_video_strips
+    from apt_jax.eval.video_metrics import evaluate_moving_digits
+
+    _, video_shape = make_source(config)
+    videos, labels = generate(
+        gen,
+        params,
+        num=config.eval.num_samples,
+        steps=steps or config.eval.steps,
+        cfg_scale=config.eval.cfg_scale,
+        shift=config.eval.shift,
+        seed=config.eval.seed,
+        image_shape=video_shape,
+        chunk=100,
+    )
+    metrics = evaluate_moving_digits(videos, labels, config.data.max_speed)
+    if out_dir is not None and jax.process_index() == 0:
+        shown = videos[: config.eval.grid_rows]  # labels 0, 1, ... (i mod 10)
+        out = as_path(out_dir)
+        save_video_strips(shown, out / f"samples{tag}_step{step}.png")
+        if shown.shape[1] > 1:
+            save_video_gif(shown, out / f"samples{tag}_step{step}.gif", nrow=len(shown))
     return {f"eval{tag}/{k}": v for k, v in metrics.items() if v is not None}
 
 

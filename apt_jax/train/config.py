@@ -98,6 +98,23 @@ def latents_data_config() -> ml_collections.ConfigDict:
     )
 
 
+def moving_digits_data_config(num_frames: int = 8) -> ml_collections.ConfigDict:
+    """`config.data` of a run on `apt_jax.data.moving_digits` clips; `num_frames=1`
+    is the image stage (digits at random positions, as one-frame videos)."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="moving_digits",
+            num_frames=num_frames,
+            canvas=16,
+            max_speed=2,
+            num_clips=16384,
+            seed=0,  # the set's own seed (config.seed drives the shuffle and noise)
+            worker_count=0,
+            shuffle=True,
+        )
+    )
+
+
 def rmsprop_config(learning_rate: float) -> ml_collections.ConfigDict:
     """An optimizer block (`config.*_optimizer`) for APT's RMSProp: alpha 0.9, constant
     rate, no warm-up, no clipping, no accumulation (the paper's settings)."""
@@ -139,7 +156,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
     mmdit_config(config)  # raises on contradictory model fields
 
 
-DATA_NAMES = ("digits", "latents")
+DATA_NAMES = ("digits", "moving_digits", "latents")
 
 
 def validate_data_keys(config: ml_collections.ConfigDict) -> None:
@@ -147,6 +164,21 @@ def validate_data_keys(config: ml_collections.ConfigDict) -> None:
     data = config.data
     if data.name not in DATA_NAMES:
         raise ValueError(f"config.data.name={data.name!r} is unknown; use one of {DATA_NAMES}.")
+    if data.name == "moving_digits":
+        model = mmdit_config(config)
+        if not model.is_video:
+            raise ValueError(
+                "config.data.name='moving_digits' gives (B, F, H, W, C) clips but config.model "
+                "is image-only: set --config.model.patch_size_t=1 (or use a digits-video model)."
+            )
+        if data.num_frames % model.patch_size_t:
+            raise ValueError(
+                f"config.data.num_frames={data.num_frames} is not a multiple of "
+                f"config.model.patch_size_t={model.patch_size_t}; the image stage "
+                "(num_frames=1) needs patch_size_t=1."
+            )
+        # Shapes, channels, patch divisibility and the position table, before tracing.
+        model.check_inputs((1, data.num_frames, data.canvas, data.canvas, 1))
     if data.name == "latents":
         for key in ("data_dir", "dataset", "eval_split"):
             if not data.get(key):
