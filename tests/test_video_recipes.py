@@ -1,0 +1,148 @@
+"""The video recipes on moving digits: the image-then-video schedule end to end,
+each stage starting from the right weights, and one sharded step of SFT,
+deterministic distillation and APT on 8 devices equal to the single-device step.
+
+One tiny run of `apt_jax.video_demo` (every stage, ~1 minute) serves all tests.
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from apt_jax.demo import load_config
+from apt_jax.tasks import build_task
+from apt_jax.tasks.runs import load_run
+from apt_jax.train import sharding
+from apt_jax.video_demo import run_video_demo
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("video_demo"))
+    table = run_video_demo(workdir, num_samples=20, tiny=True)
+    return workdir, table
+
+
+def run(demo, stage):
+    return os.path.join(demo[0], stage)
+
+
+def tiny(name, variant, **settings):
+    config = load_config(name, f"{variant},tiny")
+    config.update_from_flattened_dict(settings)
+    return config
+
+
+def test_video_demo_pipeline(demo):
+    workdir, table = demo
+    for row in ("teacher_25_steps", "deterministic_1_step", "apt_image_stage_1_step"):
+        assert row in table
+    import json
+
+    with open(os.path.join(workdir, "results.json")) as f:
+        rows = json.load(f)
+    assert len(rows) == 4
+    for row in rows:
+        for key in ("frame_frechet_distance", "frame_accuracy", "motion_error", "mean_speed"):
+            assert np.isfinite(row[key]), (row["name"], key)
+    with Image.open(os.path.join(workdir, "comparison.gif")) as gif:
+        assert gif.n_frames == 8  # the clips' frames
+    # Each stage trained on its own data: one-frame clips, then 8-frame clips.
+    frames = {s: load_run(run(demo, s))[0].config.data.num_frames for s in ("sft_image", "apt")}
+    assert frames == {"sft_image": 1, "apt": 8}
+
+
+def _served(stage_dir):
+    task, state, _ = load_run(stage_dir)
+    return jax.tree.map(np.asarray, task.served_params(state))
+
+
+def _assert_tree_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_video_stages_start_from_the_image_stages(demo):
+    # SFT: the video stage's first state is the image stage's served (EMA) weights.
+    config = tiny("moving_digits_sft", "video", init_workdir=run(demo, "sft_image"))
+    state = build_task(config).init_state(jax.random.key(0))
+    _assert_tree_equal(state.params, _served(run(demo, "sft_image")))
+    # APT: G from the image stage's EMA generator, D's backbone re-initialised from
+    # the video teacher (the paper's video stage).
+    config = tiny(
+        "moving_digits_apt",
+        "video",
+        teacher_workdir=run(demo, "sft_video"),
+        generator_workdir=run(demo, "apt_image"),
+    )
+    state = build_task(config).init_state(jax.random.key(0))
+    _assert_tree_equal(state["generator"].params, _served(run(demo, "apt_image")))
+    _assert_tree_equal(
+        state["discriminator"].params["mmdit"], _served(run(demo, "sft_video"))["mmdit"]
+    )
+
+
+def _video_configs(demo):
+    return {
+        # 3D patches: two frames per token.
+        "sft_patch_t2": tiny("moving_digits_sft", "video", **{"model.patch_size_t": 2}),
+        "deterministic": tiny(
+            "moving_digits_distill", "deterministic", teacher_workdir=run(demo, "sft_video")
+        ),
+        "apt": tiny(
+            "moving_digits_apt",
+            "video",
+            teacher_workdir=run(demo, "sft_video"),
+            generator_workdir=run(demo, "apt_image"),
+        ),
+    }
+
+
+@pytest.mark.parametrize("recipe", ["sft_patch_t2", "deterministic", "apt"])
+def test_video_step_sharded_equals_single_device(demo, recipe):
+    config = _video_configs(demo)[recipe]
+    one = build_task(config, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+    many = build_task(config, sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}))
+    batch = next(one.make_iterator())
+    assert batch["video"].shape == (16, 8, 16, 16, 1)
+    rng = jax.random.key(3)
+    finals = []
+    for task in (one, many):
+        state = task.init_state(jax.random.key(0))
+        before = jax.tree.map(np.asarray, state)
+        state, metrics = task.train_step(state, sharding.make_global_batch(batch, task.mesh), rng)
+        assert all(np.isfinite(float(v)) for v in metrics.values())
+        finals.append(state)
+    a, b = finals
+    # fsdp splits the weights over the 8 devices.
+    assert any(
+        x.addressable_shards[0].data.shape != x.shape
+        for x in jax.tree.leaves(b)
+        if getattr(x, "ndim", 0) >= 2
+    )
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    moved = [
+        float(np.abs(np.asarray(x) - y).max())
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(before), strict=True)
+        if np.asarray(x).dtype.kind == "f"
+    ]
+    assert max(moved) > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.patch_size_t": None}, "image-only: set --config.model.patch_size_t=1"),
+        ({"model.patch_size_t": 2, "data.num_frames": 1}, "image stage"),
+        ({"data.canvas": 18}, "not divisible by patch_size=4"),
+    ],
+)
+def test_bad_video_configs_fail_before_compiling(overrides, message):
+    config = tiny("moving_digits_sft", "image")
+    config.update_from_flattened_dict(overrides)
+    with pytest.raises(ValueError, match=message):
+        build_task(config)
