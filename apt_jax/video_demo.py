@@ -3,7 +3,7 @@
 Stages, each a normal run in `<workdir>/<stage>` (re-running resumes):
   1. sft_image      the teacher's image stage: one-frame clips
                     (configs/moving_digits_sft.py:image);
-  2. sft_video      the teacher's video stage, from sft_image, on 8-frame clips
+  2. sft_video      the teacher's video stage, from sft_image, on 4-frame clips
                     (configs/moving_digits_sft.py:video);
   3. targets.npz    the video teacher's 25-step ODE solutions;
   4. deterministic  the 1-step video student (configs/moving_digits_distill.py);
@@ -88,9 +88,7 @@ def run_video_demo(workdir: str, num_samples: int = 1000, tiny: bool = False) ->
     d.update(apt_image=os.path.join(workdir, "apt_image"), apt_video=os.path.join(workdir, "apt"))
 
     _stage("moving_digits_sft", "image", tiny, d["sft_image"], seconds)
-    _stage(
-        "moving_digits_sft", "video", tiny, d["sft_video"], seconds, init_workdir=d["sft_image"]
-    )
+    _stage("moving_digits_sft", "video", tiny, d["sft_video"], seconds, init_workdir=d["sft_image"])
 
     t0 = time.perf_counter()
     det = load_config("moving_digits_distill", "deterministic,tiny" if tiny else "deterministic")
@@ -99,7 +97,7 @@ def run_video_demo(workdir: str, num_samples: int = 1000, tiny: bool = False) ->
         make_targets(
             d["sft_video"],
             targets,
-            num=32 if tiny else 2048,
+            num=32 if tiny else 1024,
             steps=det.teacher_steps,
             cfg_scale=det.teacher_cfg,
             shift=det.teacher_shift,

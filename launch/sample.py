@@ -1,4 +1,5 @@
-"""Sample a trained run: writes `images` (N, ...) float32 in [-1, 1] and `labels` (N,).
+"""Sample a trained run: writes `images` (N, ...) float32 in [-1, 1] and `labels` (N,)
+(moving-digits runs: clips `(N, F, S, S, 1)`).
 
   python launch/sample.py --workdir DIR --num N --steps K --out F.npz [--seed S] [--cfg G]
 
@@ -48,9 +49,12 @@ def main(argv):
     np.savez(buffer, images=images.astype(np.float32), labels=labels.astype(np.int32))
     out.write_bytes(buffer.getvalue())
     if _GRID.value:
-        from apt_jax.eval.grid import save_png_grid
+        from apt_jax.eval.grid import save_png_grid, save_video_strips
 
-        save_png_grid(images[:100], _GRID.value, nrow=10)
+        if images.ndim == 5:  # clips: one per line, time left to right
+            save_video_strips(images[:10], _GRID.value)
+        else:
+            save_png_grid(images[:100], _GRID.value, nrow=10)
     print(f"Wrote {len(images)} samples ({steps} steps, cfg {cfg}, checkpoint {step}) to {out}")
 
 

@@ -10,22 +10,15 @@ import pytest
 from PIL import Image
 
 from apt_jax.demo import run_demo
-from apt_jax.tasks import build_task
-from apt_jax.train.loop import train
-from configs import digits_sft
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("sft")
-    config = digits_sft.get_config("tiny")
-    config.eval.num_samples = 20
-    config.eval.grid_rows = 2
-    train(build_task(config), str(workdir))
-    return workdir
+def run_dir(teacher_dir):
+    """The shared tiny SFT run (read only here)."""
+    return teacher_dir
 
 
 def launch(script, *args):

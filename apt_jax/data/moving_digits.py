@@ -1,7 +1,7 @@
 """Moving digits: short clips of an 8x8 scikit-learn digit bouncing in a square canvas.
 
 Each clip is one digit (from `apt_jax.data.digits`) pasted on a ``-1`` (black)
-canvas of side ``canvas`` (default 16), moving with a constant integer velocity
+canvas of side ``canvas`` (default 12), moving with a constant integer velocity
 per axis and bouncing off the borders. Everything is a pure function of
 ``(seed, index)``, so clip ``i`` is the same in every process, epoch and run,
 and the set needs no files.
@@ -54,7 +54,8 @@ class MovingDigitsSource:
 
     Args:
       num_frames: frames per clip; 1 gives images as one-frame videos.
-      canvas: side of the square frame, ``>= 8`` (the digit's side).
+      canvas: side of the square frame, ``>= 8`` (the digit's side). The default 12
+        gives the digit 5 places per axis at 36 tokens a frame with 2x2 patches.
       max_speed: the largest per-axis speed in pixels per frame.
       num_clips: the set's size (clips are drawn with replacement from the 1,797
         digits, so it may exceed it).
@@ -65,8 +66,8 @@ class MovingDigitsSource:
 
     def __init__(
         self,
-        num_frames: int = 8,
-        canvas: int = 16,
+        num_frames: int = 4,
+        canvas: int = 12,
         max_speed: int = 2,
         num_clips: int = 16384,
         seed: int = 0,
@@ -110,7 +111,9 @@ class MovingDigitsSource:
         rng = np.random.default_rng([self.seed, index])
         digit = int(rng.integers(len(self._labels)))
         start = rng.integers(0, self.travel + 1, size=2)
-        speeds = np.concatenate([-np.arange(self.max_speed, 0, -1), np.arange(1, self.max_speed + 1)])
+        speeds = np.concatenate(
+            [-np.arange(self.max_speed, 0, -1), np.arange(1, self.max_speed + 1)]
+        )
         velocity = rng.choice(speeds, size=2)
         return {
             "digit": digit,

@@ -98,14 +98,14 @@ def latents_data_config() -> ml_collections.ConfigDict:
     )
 
 
-def moving_digits_data_config(num_frames: int = 8) -> ml_collections.ConfigDict:
+def moving_digits_data_config(num_frames: int = 4) -> ml_collections.ConfigDict:
     """`config.data` of a run on `apt_jax.data.moving_digits` clips; `num_frames=1`
     is the image stage (digits at random positions, as one-frame videos)."""
     return ml_collections.ConfigDict(
         dict(
             name="moving_digits",
             num_frames=num_frames,
-            canvas=16,
+            canvas=12,
             max_speed=2,
             num_clips=16384,
             seed=0,  # the set's own seed (config.seed drives the shuffle and noise)
