@@ -211,7 +211,7 @@ def test_discriminator_params_heads_and_backbone_tree(tiny):
                 attention_head_dim=16,
                 caption_projection_dim=32,
             ),
-            (3, 2, 16, 16, 1),
+            (3, 2, 12, 12, 1),
         ),
     ],
     ids=["scanned-layers", "video"],
