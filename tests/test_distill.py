@@ -11,6 +11,7 @@ from apt_jax.tasks import build_task, common
 from apt_jax.tasks.distill import make_targets, uncond_labels
 from apt_jax.tasks.runs import load_run
 from apt_jax.train import sharding
+from apt_jax.train.config import model_config, moving_digits_data_config
 from apt_jax.train.loop import train
 from configs import digits_distill
 
@@ -132,4 +133,15 @@ def test_precomputed_targets_must_match_config(teacher_dir, tmp_path):
     make_targets(teacher_dir, path, num=8, steps=2, cfg_scale=1.0)
     config = distill_config(teacher_dir, targets="precomputed", targets_path=path)
     with pytest.raises(ValueError, match="2 teacher steps"):
+        build_task(config)
+
+
+def test_precomputed_targets_must_fit_the_data(teacher_dir, tmp_path):
+    """Image targets for a run on clips: refused, naming both shapes."""
+    path = str(tmp_path / "t.npz")
+    make_targets(teacher_dir, path, num=8, steps=3, cfg_scale=1.0)
+    config = distill_config(teacher_dir, targets="precomputed", targets_path=path)
+    config.data = moving_digits_data_config()
+    config.model = model_config("digits-tiny-video")
+    with pytest.raises(ValueError, match=r"shape \(8, 8, 1\).*shape \(4, 12, 12, 1\)"):
         build_task(config)

@@ -76,6 +76,13 @@ def _check_targets_file(config) -> None:
         )
     with np.load(path) as f:
         steps, cfg = int(f["teacher_steps"]), float(f["teacher_cfg"])
+        target_shape = tuple(f["target"].shape[1:])
+    _, shape = common.make_source(config)
+    if target_shape != tuple(shape):
+        raise ValueError(
+            f"{path} holds targets of shape {target_shape}, but config.data gives samples of "
+            f"shape {tuple(shape)}; make the targets from a teacher trained on this data."
+        )
     if steps != config.teacher_steps or not np.isclose(cfg, config.teacher_cfg):
         raise ValueError(
             f"{path} holds targets of {steps} teacher steps at CFG {cfg}, but the config asks "
