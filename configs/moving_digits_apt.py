@@ -13,6 +13,12 @@ video stage uses the paper's video settings: D's timesteps `shift(U(0, 1), 12)`
 (mostly noisy inputs: motion survives noise that hides a frame's details),
 approximate-R1 sigma 0.1, and a lower learning rate than the image stage
 (paper: 3e-6 after 5e-6). Append ",tiny" for a seconds-long run.
+
+Measured (README, 1,000 clips): the video stage straight from the student
+(`generator_workdir` = the deterministic run) ends at 1.17x the 25-step
+teacher's per-frame distance with its motion error; after this image stage,
+at 1.37x: here D wins the image stage fast and G trades motion for sharper
+frames, while at shift 12 the video stage's D stays near chance.
 """
 
 from apt_jax.train.config import model_config, moving_digits_data_config
