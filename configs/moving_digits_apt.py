@@ -10,7 +10,7 @@ then video stage (Seaweed-APT's schedule).
 
 The image stage is `configs/digits_apt.py`'s recipe on one-frame clips. The
 video stage uses the paper's video settings: D's timesteps `shift(U(0, 1), 12)`
-(mostly noisy inputs: motion survives noise that hides a frame's details),
+(mostly noisy inputs, as the paper uses for its video latents),
 approximate-R1 sigma 0.1, and a lower learning rate than the image stage
 (paper: 3e-6 after 5e-6). Append ",tiny" for a seconds-long run.
 
