@@ -23,22 +23,16 @@ frames, while at shift 12 the video stage's D stays near chance.
 
 from apt_jax.train.config import model_config, moving_digits_data_config
 from configs import digits_apt
-
-STAGES = ("image", "video")
+from configs.moving_digits_sft import parse_stage
 
 
 def get_config(arg: str = "video"):
-    stage, *flags = (arg or "video").split(",")
-    if stage not in STAGES or set(flags) - {"tiny"}:
-        raise ValueError(
-            f"Unknown variant {arg!r} of moving_digits_apt; use 'image' or 'video', "
-            "optionally followed by ',tiny'."
-        )
-    c = digits_apt.get_config("tiny" if flags else "")
-    c.model = model_config("digits-tiny-video" if flags else "digits-video")
+    stage, tiny = parse_stage(arg, "moving_digits_apt")
+    c = digits_apt.get_config("tiny" if tiny else "")
+    c.model = model_config("digits-tiny-video" if tiny else "digits-video")
     if stage == "image":
         c.data = moving_digits_data_config(num_frames=1)
-        if not flags:
+        if not tiny:
             c.batch_size = 64  # 36 tokens an image: half the digits recipe's batch
             c.total_steps = 200
     else:
@@ -47,7 +41,7 @@ def get_config(arg: str = "video"):
         c.r1_sigma = 0.1
         c.generator_optimizer.learning_rate *= 0.6  # 3e-6 / 5e-6, as the paper
         c.discriminator_optimizer.learning_rate *= 0.6
-        if not flags:
+        if not tiny:
             c.batch_size = 32
             c.total_steps = 150
             c.checkpoint_every = 50

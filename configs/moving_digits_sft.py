@@ -19,24 +19,30 @@ from configs import digits_sft
 STAGES = ("image", "video")
 
 
-def get_config(arg: str = "video"):
+def parse_stage(arg: str, config_name: str) -> tuple[str, bool]:
+    """`(stage, tiny)` of a moving-digits config argument "image|video[,tiny]"."""
     stage, *flags = (arg or "video").split(",")
     if stage not in STAGES or set(flags) - {"tiny"}:
         raise ValueError(
-            f"Unknown variant {arg!r} of moving_digits_sft; use 'image' or 'video', "
+            f"Unknown variant {arg!r} of {config_name}; use 'image' or 'video', "
             "optionally followed by ',tiny'."
         )
-    c = digits_sft.get_config("tiny" if flags else "")
-    c.model = model_config("digits-tiny-video" if flags else "digits-video")
+    return stage, bool(flags)
+
+
+def get_config(arg: str = "video"):
+    stage, tiny = parse_stage(arg, "moving_digits_sft")
+    c = digits_sft.get_config("tiny" if tiny else "")
+    c.model = model_config("digits-tiny-video" if tiny else "digits-video")
     if stage == "image":
         c.data = moving_digits_data_config(num_frames=1)
-        if not flags:
+        if not tiny:
             c.total_steps = 1000  # a digit anywhere in the frame: slower to learn than 8x8
     else:
         c.data = moving_digits_data_config(num_frames=4)
         # From the image stage (--config.init_workdir), on clips: 144 tokens a
         # sample, so a smaller batch, and a lower rate than from scratch.
-        if not flags:
+        if not tiny:
             c.total_steps = 300
             c.batch_size = 32
             c.optimizer.learning_rate = 5e-4

@@ -317,41 +317,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
         pooled_projection_dim=64,
         pos_embed_max_size=8,
     ),
-    # Moving digits (apt_jax.data.moving_digits): 12x12 frames, 2x2 spatial
-    # patches, one frame per patch, so an image (a one-frame clip) is 36 tokens
-    # and a 4-frame clip 144. Measured on CPU: 4x4 patches on 16x16 frames (16
-    # tokens a frame) learned far slower (15% digit accuracy after 800 image
-    # steps, 44% here after 600), and 2x2 patches on 16x16 x 8 frames (512
-    # tokens) cost ~9x a step of 128 tokens.
-    "digits-video": dict(
-        sample_size=12,
-        patch_size=2,
-        patch_size_t=1,
-        in_channels=1,
-        out_channels=1,
-        num_layers=4,
-        attention_head_dim=32,
-        num_attention_heads=4,
-        joint_attention_dim=64,
-        caption_projection_dim=128,
-        pooled_projection_dim=64,
-        pos_embed_max_size=6,
-    ),
-    # digits-video shrunk for tests and ":tiny" runs (as digits-tiny).
-    "digits-tiny-video": dict(
-        sample_size=12,
-        patch_size=2,
-        patch_size_t=1,
-        in_channels=1,
-        out_channels=1,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=64,
-        caption_projection_dim=32,
-        pooled_projection_dim=64,
-        pos_embed_max_size=6,
-    ),
     "sd3-medium": dict(
         _SD3_COMMON,
         num_layers=24,
@@ -377,6 +342,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
         qk_norm="rms_norm",
     ),
 }
+
+# Moving digits (apt_jax.data.moving_digits): the digits models on 12x12
+# frames, 2x2 spatial patches, one frame per patch, so an image (a one-frame
+# clip) is 36 tokens and a 4-frame clip 144. Measured on CPU: 4x4 patches on
+# 16x16 frames (16 tokens a frame) learned far slower (15% digit accuracy after
+# 800 image steps, 44% here after 600), and 2x2 patches on 16x16 x 8 frames
+# (512 tokens) cost ~9x a step of 128 tokens.
+_MOVING_DIGITS = dict(sample_size=12, patch_size_t=1, pos_embed_max_size=6)
+VARIANTS["digits-video"] = dict(VARIANTS["digits"], **_MOVING_DIGITS)
+VARIANTS["digits-tiny-video"] = dict(VARIANTS["digits-tiny"], **_MOVING_DIGITS)
 
 # Parameter counts diffusers reports for the released checkpoints.
 RELEASED_PARAMETER_COUNTS = {
