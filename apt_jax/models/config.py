@@ -19,7 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 
 QK_NORMS = (None, "rms_norm")
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "xla_autodiff", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -51,8 +51,10 @@ class MMDiTConfig:
         flat in depth; parameters get a leading "layers" axis).
       remat_policy: "none", "full" (save nothing), "dots" (save matmuls),
         "dots_no_batch" (save matmuls without batch dims: weights-stationary).
-      attention_implementation: "xla" (differentiable twice: exact R1) or
-        "cudnn" (fused, GPU only, first-order only). Overridable per call.
+      attention_implementation: "xla" (apt_jax's kernel with a hand-written
+        backward pass; differentiable twice in reverse mode: exact R1),
+        "xla_autodiff" (`jax.nn.dot_product_attention`, autodiff; also forward
+        mode) or "cudnn" (fused, GPU only, first-order only). Overridable per call.
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
     """
 

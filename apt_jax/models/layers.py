@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from apt_jax.models import axes
+from apt_jax.models.attention import attention
 from apt_jax.models.config import MMDiTConfig
 
 Initializer = Any
@@ -107,11 +108,18 @@ def modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndar
 def dot_product_attention(
     q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, implementation: str
 ) -> jnp.ndarray:
-    """`jax.nn.dot_product_attention` on `(B, T, H, K)` inputs.
+    """Softmax attention on `(B, T, H, K)` inputs, by `implementation`.
 
-    "xla" supports grad-of-grad (exact R1); "cudnn" is the fused GPU kernel,
-    first-order only, needing fp16/bf16 inputs.
+    "xla": `apt_jax.models.attention` (heads-major, closed-form softmax
+    gradient; differentiable twice in reverse mode: exact R1);
+    "xla_autodiff": `jax.nn.dot_product_attention` differentiated by JAX (also
+    forward mode); "cudnn": the fused GPU kernel, first-order only, needing
+    fp16/bf16 inputs.
     """
+    if implementation == "xla":
+        return attention(q, k, v)
+    if implementation == "xla_autodiff":
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
