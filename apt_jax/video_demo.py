@@ -68,11 +68,13 @@ def _evaluate_row(name, workdir, steps, num_samples, out_dir, video_shape, seed=
     return {"name": name, "steps": steps, **metrics}, videos[:10]
 
 
-def _stage(name, variant, tiny, workdir, seconds, **settings):
-    """Trains `configs/<name>.py:<variant>` with `settings` into `workdir`."""
+def _stage(name, variant, tiny, workdir, seconds, mesh=None, **settings):
+    """Trains `configs/<name>.py:<variant>` with `settings` (and `mesh`, axis sizes
+    overriding `config.mesh`) into `workdir`."""
     t0 = time.perf_counter()
     config = load_config(name, f"{variant},tiny" if tiny else variant)
     config.eval.num_samples = min(config.eval.num_samples, RUN_EVAL_SAMPLES)
+    config.mesh.update(mesh or {})
     for key, value in settings.items():
         config[key] = value
     train(build_task(config), workdir)
@@ -80,15 +82,22 @@ def _stage(name, variant, tiny, workdir, seconds, **settings):
     return config
 
 
-def run_video_demo(workdir: str, num_samples: int = 1000, tiny: bool = False) -> str:
-    """Runs every stage into `workdir/<stage>`; returns the Markdown results table."""
+def run_video_demo(
+    workdir: str, num_samples: int = 1000, tiny: bool = False, mesh: dict | None = None
+) -> str:
+    """Runs every stage into `workdir/<stage>`; returns the Markdown results table.
+
+    `mesh`: axis sizes for every stage's `config.mesh` (e.g. `{"data": 1}` for one
+    device); default each config's own (all devices on the data axis).
+    """
     os.makedirs(workdir, exist_ok=True)
     seconds = {}
     d = {s: os.path.join(workdir, s) for s in ("sft_image", "sft_video", "deterministic")}
     d.update(apt_image=os.path.join(workdir, "apt_image"), apt_video=os.path.join(workdir, "apt"))
 
-    _stage("moving_digits_sft", "image", tiny, d["sft_image"], seconds)
-    _stage("moving_digits_sft", "video", tiny, d["sft_video"], seconds, init_workdir=d["sft_image"])
+    _stage("moving_digits_sft", "image", tiny, d["sft_image"], seconds, mesh)
+    sft_video = dict(init_workdir=d["sft_image"])
+    _stage("moving_digits_sft", "video", tiny, d["sft_video"], seconds, mesh, **sft_video)
 
     t0 = time.perf_counter()
     det = load_config("moving_digits_distill", "deterministic,tiny" if tiny else "deterministic")
@@ -110,6 +119,7 @@ def run_video_demo(workdir: str, num_samples: int = 1000, tiny: bool = False) ->
         tiny,
         d["deterministic"],
         seconds,
+        mesh,
         teacher_workdir=d["sft_video"],
         targets="precomputed",
         targets_path=targets,
@@ -120,6 +130,7 @@ def run_video_demo(workdir: str, num_samples: int = 1000, tiny: bool = False) ->
         tiny,
         d["apt_image"],
         seconds,
+        mesh,
         teacher_workdir=d["sft_image"],
         generator_workdir=d["deterministic"],
     )
@@ -129,6 +140,7 @@ def run_video_demo(workdir: str, num_samples: int = 1000, tiny: bool = False) ->
         tiny,
         d["apt_video"],
         seconds,
+        mesh,
         teacher_workdir=d["sft_video"],
         generator_workdir=d["apt_image"],
     )

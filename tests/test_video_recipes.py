@@ -2,7 +2,8 @@
 each stage starting from the right weights, and one sharded step of SFT,
 deterministic distillation and APT on 8 devices equal to the single-device step.
 
-One tiny run of `apt_jax.video_demo` (every stage, ~1 minute) serves all tests.
+One tiny run of `apt_jax.video_demo` (every stage, on one device: the
+sharded-step tests below cover the 8-device mesh) serves all tests.
 """
 
 import os
@@ -22,7 +23,7 @@ from apt_jax.video_demo import run_video_demo
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("video_demo"))
-    table = run_video_demo(workdir, num_samples=20, tiny=True)
+    table = run_video_demo(workdir, num_samples=20, tiny=True, mesh={"data": 1})
     return workdir, table
 
 
@@ -53,6 +54,9 @@ def test_video_demo_pipeline(demo):
     # Each stage trained on its own data: one-frame clips, then 4-frame clips.
     frames = {s: load_run(run(demo, s))[0].config.data.num_frames for s in ("sft_image", "apt")}
     assert frames == {"sft_image": 1, "apt": 4}
+    # run_video_demo's mesh override reached every stage.
+    for stage in ("sft_image", "sft_video", "deterministic", "apt_image", "apt"):
+        assert load_run(run(demo, stage))[0].mesh.size == 1, stage
 
 
 def _served(stage_dir):
