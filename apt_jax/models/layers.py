@@ -26,6 +26,25 @@ zeros = nn.initializers.zeros_init()
 ones = nn.initializers.ones_init()
 
 
+class TokenDense(nn.Dense):
+    """`nn.Dense` (same parameters) that multiplies `(..., D)` inputs as one
+    `(prod(...), D)` matrix.
+
+    Why: for a 3D `(B, N, D)` input XLA:CPU lays out the weight gradient
+    `x^T dy` (a contraction over both B and N) with a transposed copy of an
+    activation, ~10% of an MMDiT training step; on 2D operands it contracts
+    in place. Same products, same values.
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
+        if inputs.ndim <= 2:
+            return super().__call__(inputs)
+        lead = inputs.shape[:-1]
+        out = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+        return out.reshape(*lead, out.shape[-1])
+
+
 def dense(
     config: MMDiTConfig,
     features: int,
@@ -34,8 +53,8 @@ def dense(
     *,
     kernel_init: Initializer = xavier,
 ) -> nn.Dense:
-    """A `nn.Dense` with logically-partitioned kernel and bias, in config dtypes."""
-    return nn.Dense(
+    """A `TokenDense` with logically-partitioned kernel and bias, in config dtypes."""
+    return TokenDense(
         features,
         dtype=config.compute_dtype,
         param_dtype=config.storage_dtype,
