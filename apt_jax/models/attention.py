@@ -1,7 +1,7 @@
 """Softmax attention for XLA with a hand-written backward pass.
 
-`attention` computes `softmax(q k^T / sqrt(K)) v` exactly as
-`jax.nn.dot_product_attention(..., implementation="xla")` does, but
+`attention` computes `softmax(q k^T / sqrt(K)) v`, the values of
+`jax.nn.dot_product_attention(..., implementation="xla")` (to float rounding), but
   * in heads-major layout: `(B, T, H, K)` inputs are transposed once to
     `(B, H, T, K)`, so every product is a plain batched GEMM (on XLA:CPU the
     tokens-major contraction costs about twice as much), and
