@@ -96,8 +96,15 @@ def run_video_demo(
     d.update(apt_image=os.path.join(workdir, "apt_image"), apt_video=os.path.join(workdir, "apt"))
 
     _stage("moving_digits_sft", "image", tiny, d["sft_image"], seconds, mesh)
-    sft_video = dict(init_workdir=d["sft_image"])
-    _stage("moving_digits_sft", "video", tiny, d["sft_video"], seconds, mesh, **sft_video)
+    _stage(
+        "moving_digits_sft",
+        "video",
+        tiny,
+        d["sft_video"],
+        seconds,
+        mesh,
+        init_workdir=d["sft_image"],
+    )
 
     t0 = time.perf_counter()
     det = load_config("moving_digits_distill", "deterministic,tiny" if tiny else "deterministic")
