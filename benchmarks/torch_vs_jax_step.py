@@ -13,11 +13,18 @@ reports medians.
     python benchmarks/torch_vs_jax_step.py
     python benchmarks/torch_vs_jax_step.py --xla_flags=--xla_cpu_use_thunk_runtime=false
     python benchmarks/torch_vs_jax_step.py --attention einsum   # experiment, see --help
+    python benchmarks/torch_vs_jax_step.py --gemms  # + the step's GEMMs timed alone
+
+`--gemms` adds a second table: every `dot_general` in the JAX step's jaxpr
+(forward and backward), grouped by shape, each timed alone as a jitted
+`lax.dot_general` and as the same `torch.einsum`. Their sum is a floor for
+the JAX step on this machine that no fusion of the other ops can lower.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -48,6 +55,9 @@ def parse_args():
     )
     p.add_argument("--torch_fused", action="store_true", help="torch AdamW(fused=True)")
     p.add_argument("--torch_compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--gemms", action="store_true", help="also time the step's GEMMs alone (see above)"
+    )
     return p.parse_args()
 
 
@@ -56,6 +66,7 @@ if ARGS.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_flags).strip()
 
 import jax  # noqa: E402
+import jax.extend  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
@@ -88,6 +99,98 @@ def einsum_hmajor_attention(q, k, v, implementation):
 
 
 ATTENTION = {"einsum": einsum_attention, "einsum_hmajor": einsum_hmajor_attention}
+
+
+def step_gemms(fn, *example_args) -> list[tuple]:
+    """Every `dot_general` in `fn`'s jaxpr, sub-jaxprs included (jit, custom_vjp, ...).
+
+    Returns one `(lhs_shape, rhs_shape, dimension_numbers)` per call.
+    """
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                lhs, rhs = eqn.invars
+                found.append((lhs.aval.shape, rhs.aval.shape, eqn.params["dimension_numbers"]))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*example_args).jaxpr)
+    return found
+
+
+def gemm_einsum(lhs_shape, rhs_shape, dimension_numbers) -> tuple[str, int]:
+    """The einsum equation of a `dot_general` (output in dot_general's order) and its FLOPs."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    letters = iter("abcdefghijklmnopqrstuvwxyz")
+    lhs = [next(letters) for _ in lhs_shape]
+    rhs = [next(letters) for _ in rhs_shape]
+    for i, j in zip(lc + lb, rc + rb, strict=True):
+        rhs[j] = lhs[i]
+    free_l = [lhs[i] for i in range(len(lhs)) if i not in lc + lb]
+    free_r = [rhs[j] for j in range(len(rhs)) if j not in rc + rb]
+    out = [lhs[i] for i in lb] + free_l + free_r
+    sizes = dict(zip(lhs + rhs, lhs_shape + rhs_shape, strict=True))
+    flops = 2 * int(np.prod([sizes[c] for c in out])) * int(np.prod([lhs_shape[i] for i in lc]))
+    return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}", flops
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def print_gemm_floor(gemms: list[tuple], jax_step_s: float, torch_step_s: float, repeats: int):
+    """Times each distinct GEMM of the step alone in both frameworks; prints the table."""
+    counts = {}
+    for g in gemms:
+        key = (tuple(g[0]), tuple(g[1]), g[2])
+        counts[key] = counts.get(key, 0) + 1
+    rng = np.random.default_rng(0)
+    rows = []
+    for (ls, rs, dn), n in counts.items():
+        eq, flops = gemm_einsum(ls, rs, dn)
+        a = rng.normal(size=ls).astype(np.float32)
+        b = rng.normal(size=rs).astype(np.float32)
+        jdot = jax.jit(functools.partial(jax.lax.dot_general, dimension_numbers=dn))
+        jax_call = functools.partial(jdot, jnp.asarray(a), jnp.asarray(b))
+        torch_call = functools.partial(torch.einsum, eq, torch.from_numpy(a), torch.from_numpy(b))
+        js = median_seconds(lambda call=jax_call: call().block_until_ready(), repeats)
+        ts = median_seconds(torch_call, repeats)
+        rows.append((n * js, eq, ls, rs, n, flops, js, ts))
+    jax_total = sum(r[0] for r in rows)
+    torch_total = sum(r[4] * r[7] for r in rows)
+    flops_total = sum(r[4] * r[5] for r in rows)
+    print()
+    print(
+        f"The step's {len(gemms)} GEMMs ({flops_total / 1e9:.1f} GFLOP, {len(counts)} distinct), "
+        f"each timed alone (median of {repeats}), largest total first:"
+    )
+    print()
+    print("| einsum | lhs | rhs | calls | jax ms | torch ms | jax GFLOP/s | torch GFLOP/s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for _, eq, ls, rs, n, flops, js, ts in sorted(rows, reverse=True):
+        print(
+            f"| {eq} | {ls} | {rs} | {n} | {js * 1e3:.2f} | {ts * 1e3:.2f} "
+            f"| {flops / js / 1e9:.0f} | {flops / ts / 1e9:.0f} |"
+        )
+    print(
+        f"| **all** | | | {len(gemms)} | {jax_total * 1e3:.0f} | {torch_total * 1e3:.0f} "
+        f"| {flops_total / jax_total / 1e9:.0f} | {flops_total / torch_total / 1e9:.0f} |"
+    )
+    print()
+    print(
+        f"JAX's GEMMs alone: {jax_total:.3f} s = {jax_total / jax_step_s:.0%} of its step, "
+        f"{jax_total / torch_step_s:.2f}x PyTorch's whole step ({torch_step_s:.3f} s). "
+        f"PyTorch's GEMMs alone: {torch_total:.3f} s = "
+        f"{torch_total / torch_step_s:.0%} of its step."
+    )
 
 
 def architecture(args) -> dict:
@@ -241,6 +344,9 @@ def main(args):
         "CPU s = process CPU time (all threads) per step: less sensitive than wall time to "
         "other processes on a shared machine, but it counts spin-waiting threads too."
     )
+    if args.gemms:
+        gemms = step_gemms(jax.value_and_grad(loss_fn), jstate[0], jbatch)
+        print_gemm_floor(gemms, jm, tm, repeats=max(args.pairs, 10))
 
 
 if __name__ == "__main__":
