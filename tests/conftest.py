@@ -1,10 +1,28 @@
-"""Test-wide setup: 8 simulated CPU devices, set before JAX starts a backend."""
+"""Test-wide setup, before JAX starts a backend: 8 simulated CPU devices, and a
+persistent compilation cache for this test session.
 
+Many tests build the same tiny tasks afresh (a new `jax.jit` per task), and the
+launch tests start processes that compile them again; XLA's persistent cache
+(keyed by the program, the compile options and the jaxlib version) makes every
+such compile after the first a read. The cache lives in a fresh temporary folder
+per session, so no run reads another's entries; subprocesses inherit it through
+the environment. A `JAX_COMPILATION_CACHE_DIR` set by the caller is kept.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="apt_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    # Cache every program: most of the suite's compiles take under a second each.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 
