@@ -153,7 +153,7 @@ def print_gemm_floor(gemms: list[tuple], jax_step_s: float, torch_step_s: float,
         key = (tuple(g[0]), tuple(g[1]), g[2])
         counts[key] = counts.get(key, 0) + 1
     rng = np.random.default_rng(0)
-    rows = []
+    rows = []  # (calls, einsum, lhs shape, rhs shape, FLOPs, jax s, torch s) per GEMM
     for (ls, rs, dn), n in counts.items():
         eq, flops = gemm_einsum(ls, rs, dn)
         a = rng.normal(size=ls).astype(np.float32)
@@ -163,10 +163,11 @@ def print_gemm_floor(gemms: list[tuple], jax_step_s: float, torch_step_s: float,
         torch_call = functools.partial(torch.einsum, eq, torch.from_numpy(a), torch.from_numpy(b))
         js = median_seconds(lambda call=jax_call: call().block_until_ready(), repeats)
         ts = median_seconds(torch_call, repeats)
-        rows.append((n * js, eq, ls, rs, n, flops, js, ts))
-    jax_total = sum(r[0] for r in rows)
-    torch_total = sum(r[4] * r[7] for r in rows)
-    flops_total = sum(r[4] * r[5] for r in rows)
+        rows.append((n, eq, ls, rs, flops, js, ts))
+    rows.sort(key=lambda r: r[0] * r[5], reverse=True)  # by total JAX time
+    jax_total = sum(n * js for n, *_, js, _ in rows)
+    torch_total = sum(n * ts for n, *_, ts in rows)
+    flops_total = sum(n * flops for n, _, _, _, flops, _, _ in rows)
     print()
     print(
         f"The step's {len(gemms)} GEMMs ({flops_total / 1e9:.1f} GFLOP, {len(counts)} distinct), "
@@ -175,7 +176,7 @@ def print_gemm_floor(gemms: list[tuple], jax_step_s: float, torch_step_s: float,
     print()
     print("| einsum | lhs | rhs | calls | jax ms | torch ms | jax GFLOP/s | torch GFLOP/s |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    for _, eq, ls, rs, n, flops, js, ts in sorted(rows, reverse=True):
+    for n, eq, ls, rs, flops, js, ts in rows:
         print(
             f"| {eq} | {ls} | {rs} | {n} | {js * 1e3:.2f} | {ts * 1e3:.2f} "
             f"| {flops / js / 1e9:.0f} | {flops / ts / 1e9:.0f} |"
