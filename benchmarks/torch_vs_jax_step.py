@@ -24,6 +24,7 @@ the JAX step on this machine that no fusion of the other ops can lower.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import os
 import sys
@@ -75,6 +76,7 @@ from diffusers import SD3Transformer2DModel  # noqa: E402
 
 from apt_jax.convert.diffusers_sd3 import from_diffusers_state_dict  # noqa: E402
 from apt_jax.models import MMDiT, MMDiTConfig  # noqa: E402
+from benchmarks.apt_r1 import median_time  # noqa: E402
 
 LR, BETAS, EPS, WD = 1e-4, (0.9, 0.999), 1e-8, 0.01
 
@@ -136,22 +138,9 @@ def gemm_einsum(lhs_shape, rhs_shape, dimension_numbers) -> tuple[str, int]:
     return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}", flops
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def print_gemm_floor(gemms: list[tuple], jax_step_s: float, torch_step_s: float, repeats: int):
     """Times each distinct GEMM of the step alone in both frameworks; prints the table."""
-    counts = {}
-    for g in gemms:
-        key = (tuple(g[0]), tuple(g[1]), g[2])
-        counts[key] = counts.get(key, 0) + 1
+    counts = collections.Counter((tuple(lhs), tuple(rhs), dn) for lhs, rhs, dn in gemms)
     rng = np.random.default_rng(0)
     rows = []  # (calls, einsum, lhs shape, rhs shape, FLOPs, jax s, torch s) per GEMM
     for (ls, rs, dn), n in counts.items():
@@ -159,10 +148,9 @@ def print_gemm_floor(gemms: list[tuple], jax_step_s: float, torch_step_s: float,
         a = rng.normal(size=ls).astype(np.float32)
         b = rng.normal(size=rs).astype(np.float32)
         jdot = jax.jit(functools.partial(jax.lax.dot_general, dimension_numbers=dn))
-        jax_call = functools.partial(jdot, jnp.asarray(a), jnp.asarray(b))
-        torch_call = functools.partial(torch.einsum, eq, torch.from_numpy(a), torch.from_numpy(b))
-        js = median_seconds(lambda call=jax_call: call().block_until_ready(), repeats)
-        ts = median_seconds(torch_call, repeats)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        js = median_time(jdot, jnp.asarray(a), jnp.asarray(b), repeats=repeats)
+        ts = median_time(torch.einsum, eq, ta, tb, repeats=repeats)
         rows.append((n, eq, ls, rs, flops, js, ts))
     rows.sort(key=lambda r: r[0] * r[5], reverse=True)  # by total JAX time
     jax_total = sum(n * js for n, *_, js, _ in rows)
