@@ -89,7 +89,7 @@ def run_demo(workdir: str, num_samples: int = 1000, tiny: bool = False) -> str:
     apt_config = load_config("digits_apt", "tiny" if tiny else "")
     if not tiny:
         # The recipe's 400 updates would take the demo past 10 minutes on a
-        # 2-core CPU; the README's results table has the full run.
+        # 2-core CPU; docs/results.md has the full run.
         apt_config.total_steps = DEMO_APT_UPDATES
     apt_config.teacher_workdir = sft_dir
     apt_config.generator_workdir = det_dir

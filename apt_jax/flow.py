@@ -1,6 +1,6 @@
 """Rectified-flow algebra: interpolation, targets, time shift, timestep densities, loss weights.
 
-Convention (shared with SD3, Flux and Seaweed-APT; see reference section 1)::
+Convention (shared with SD3, Flux and Seaweed-APT; see docs/method.md#rectified-flow)::
 
     x_t = (1 - t) * x0 + t * eps,      t in [0, 1],  t = 1 is pure noise
     v   = eps - x0                     (the network's regression target)
@@ -13,7 +13,7 @@ trailing (non-batch) dimensions of ``x`` of shape ``(B, ...)``.
 Training timesteps are drawn as ``t = shift(F^-1(u), s)`` where ``F^-1`` is the inverse CDF of
 one of the densities below (``uniform``, ``logit_normal``, ``mode``) and ``u`` is either
 i.i.d. uniform or stratified over the global batch index (CogVideoX "parallel uniform
-sampling", reference section 2).
+sampling", docs/method.md#stratified-timesteps).
 
 All functions are pure ``jax.numpy`` (the DiffSynth grid helpers also use numpy for their
 constants) and can be used inside ``jit`` / ``grad`` / ``vmap``.
@@ -306,7 +306,8 @@ def sample_timesteps(
 
     If ``stratified``, ``u_i = (i + U_i) / B`` with ``U_i ~ U(0, 1)`` i.i.d., ``i`` the index in
     the *global* batch: one draw per stratum ``[i / B, (i + 1) / B)``, a lower-variance
-    estimate of the expected loss (CogVideoX "parallel uniform sampling", reference section 2).
+    estimate of the expected loss (CogVideoX "parallel uniform sampling", see
+    docs/method.md#stratified-timesteps).
     This is plain ``jnp`` arithmetic on a ``(B,)`` array, so under ``jit`` with a batch-sharded
     output it gives the same values as unsharded (with ``jax_threefry_partitionable`` on).
     Otherwise ``u ~ U(0, 1)`` i.i.d.

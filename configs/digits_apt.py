@@ -9,8 +9,8 @@
 `r1_mode` is approx (the paper's), exact (`jax.grad`, weight lambda * sigma^2
 unless r1_exact_weight >= 0) or none. Append ":tiny" for a seconds-long run.
 
-Paper settings (image stage) and where this toy differs, and why (the README's
-notes on the recipe have the measurements):
+Paper settings (image stage) and where this toy differs, and why (the measurements are in
+docs/results.md#notes-on-the-apt-recipe):
   optimizer      RMSProp alpha 0.9, no clipping, no weight decay   (same)
   learning rate  5e-6 for G and D     here D 3e-4 (its fresh heads 3e-3), G 3e-5:
                                       with equal rates a prototype's D stayed at

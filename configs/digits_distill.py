@@ -36,7 +36,7 @@ def get_config(arg: str = "deterministic"):
     c.student_shift = 1.0
     c.remat_steps = True  # direct: recompute each step's activations in backward
 
-    # Measured on digits (README): the 1-step student converges in ~300 steps;
+    # Measured on digits (docs/results.md): the 1-step student converges in ~300 steps;
     # a direct step costs ~5x a deterministic one (K = 4 student passes through
     # backprop) and the 4-step student, starting from the teacher, needs ~60.
     c.total_steps = 300 if variant == "deterministic" else 60

@@ -17,7 +17,7 @@ inputs, as the paper uses for its video latents), approximate-R1 sigma 0.1,
 and a lower learning rate than the image stage (paper: 3e-6 after 5e-6).
 Append ",tiny" for a seconds-long run.
 
-Measured (README, 1,000 clips, noise seeds 0-2): the 1-step generator after
+Measured (docs/results.md#moving-digits, 1,000 clips, noise seeds 0-2): the 1-step generator after
 both stages ends at 1.16x the 25-step teacher's per-frame distance with a
 lower motion error than the teacher's.
 """

@@ -23,7 +23,7 @@ library on the same dataset) may replace either. Nothing downloads.
 Paper settings (image stage, arXiv 2501.08316): RMSProp alpha 0.9, lr 5e-6 for
 G and D, no clipping; non-saturating loss; approximate R1 with lambda 100,
 sigma 0.01; D noising `t ~ shift(U(0, 1), 1)`; EMA 0.995. The paper's batch is
-9062; set `batch_size` to what your mesh holds. The digits' notes (README)
+9062; set `batch_size` to what your mesh holds. The digits' notes (docs/results.md)
 found AAPT's relativistic loss steadier at toy scale: `--config.loss=relativistic`.
 """
 

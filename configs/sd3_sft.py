@@ -20,7 +20,7 @@ Settings (SD3 paper, arXiv 2403.03206, and diffusers' SD3 fine-tuning script):
 logit-normal(0, 1) timesteps shifted by 3 (the paper's 1024px shift), AdamW
 1e-5 with warmup, EMA, bf16 compute over fp32 parameters, full remat and FSDP
 over all devices (SD3-medium at 1024px needs ~11 GiB per device at batch 1 per
-device with fsdp = 8: README, SD3-medium SFT step).
+device with fsdp = 8: docs/benchmarks.md#sd3-medium-memory).
 """
 
 from apt_jax.train.config import base_config, latents_data_config, model_config

@@ -6,7 +6,7 @@ again on the same workdir resumes from the newest checkpoint.
 Multi-host: run the same command on every host, with `--multihost=auto` on
 TPU pods / Slurm / MPI (JAX detects the cluster), or with
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` anywhere
-(see apt_jax/train/distributed.py and the README). SIGTERM on any host makes
+(see apt_jax/train/distributed.py and docs/scale_out.md). SIGTERM on any host makes
 every host save at the same step and exit 0.
 """
 

@@ -1,4 +1,4 @@
-"""The APT discriminator (Seaweed-APT, reference section 4), as plain functions.
+"""The APT discriminator (Seaweed-APT, docs/method.md), as plain functions.
 
 `D_hat(x_t, t, c)` runs the class-conditional MMDiT backbone on noised input,
 keeps the image / video tokens after the blocks in `head_layers`, and turns

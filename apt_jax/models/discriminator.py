@@ -1,4 +1,4 @@
-"""The APT discriminator's heads (Seaweed-APT, reference section 4), as linen modules.
+"""The APT discriminator's heads (Seaweed-APT, docs/method.md), as linen modules.
 
 The discriminator is the generator's MMDiT backbone (initialised from the
 diffusion teacher) plus small cross-attention-only heads that read the image /

@@ -1,6 +1,6 @@
 """The MMDiT (SD3 / SD3.5 multimodal diffusion transformer) for images and video.
 
-Call contract (design.md):
+Call contract (docs/design.md#public-contracts):
   `MMDiT(config).apply({"params": p}, x, t, context, pooled) -> v`
   x       `(B, H, W, C)` image or `(B, F, H, W, C)` video latents, channels-last
   t       `(B,)` flow time in [0, 1], 1 = pure noise

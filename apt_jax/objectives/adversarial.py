@@ -1,4 +1,4 @@
-"""Adversarial losses and gradient penalties (Seaweed-APT, AAPT; reference sections 4, 5).
+"""Adversarial losses and gradient penalties (Seaweed-APT, AAPT; docs/method.md).
 
 Pure functions over logits and over per-sample logit functions; no linen.
 
