@@ -77,6 +77,7 @@ class APTDiscriminator:
         return ClassConditionalMMDiT(self.config, self.num_classes, self.context_tokens)
 
     def heads(self, attention_implementation: str | None = None) -> APTHeads:
+        """The heads module, running `attention_implementation` (None: the config's)."""
         impl = attention_implementation or self.config.attention_implementation
         return APTHeads(self.config, self.head_layers, attention_implementation=impl)
 
@@ -123,8 +124,10 @@ class APTDiscriminator:
           t: flow times `(B,)` in [0, 1] of x_t.
           labels: int `(B,)` in [0, num_classes], or the text condition
             `{"context", "pooled"}`.
-          attention_implementation: kernel for backbone and heads; "xla" where
-            a second derivative is needed (exact R1).
+          attention_implementation: an entry of `ATTENTION_IMPLEMENTATIONS`,
+            the one kernel of backbone and heads alike; None means
+            `config.attention_implementation`. A second derivative (exact R1)
+            needs "xla" or "xla_autodiff"; "cudnn" has none.
 
         Returns:
           `(B,)` float32 logits (real: large).

@@ -14,7 +14,11 @@ penalty (a gradient of a gradient) works through it. Forward mode (`jax.jvp`)
 of a `jax.custom_vjp` function is not supported by JAX; use
 `attention_implementation="xla_autodiff"` for that.
 
-Ein-notation: B batch, T tokens, H heads, K head width.
+Queries and keys may have different token counts (Tq, Tk): the MMDiT's joint
+attention has Tq = Tk, the APT discriminator's heads one query (Tq = 1). Pick
+this kernel by name through `apt_jax.models.layers.dot_product_attention`.
+
+Ein-notation: B batch, T tokens (Tq queries, Tk keys), H heads, K head width.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def _forward(q, k, v):
 
 @jax.custom_vjp
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
-    """q, k, v: `(B, T, H, K)` -> `(B, T, H, K)`, no mask, scale `K ** -0.5`."""
+    """q `(B, Tq, H, K)`, k and v `(B, Tk, H, K)` -> `(B, Tq, H, K)`; no mask, scale `K ** -0.5`."""
     return _forward(q, k, v)[0]
 
 

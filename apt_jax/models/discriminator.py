@@ -22,12 +22,17 @@ import math
 from collections.abc import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from apt_jax.models import axes
 from apt_jax.models.config import MMDiTConfig
-from apt_jax.models.layers import FeedForward, HeadRMSNorm, dense, layer_norm
+from apt_jax.models.layers import (
+    FeedForward,
+    HeadRMSNorm,
+    dense,
+    dot_product_attention,
+    layer_norm,
+)
 
 # Depth fractions of the paper's heads: blocks 16, 26 and 36 of 36.
 PAPER_HEAD_FRACTIONS: tuple[float, ...] = (16 / 36, 26 / 36, 36 / 36)
@@ -89,8 +94,10 @@ class CrossAttentionHead(nn.Module):
 
     Attributes:
       config: the backbone's architecture (width, heads, dtypes).
-      attention_implementation: kernel of `jax.nn.dot_product_attention`; "xla"
-        has a second derivative (exact R1), "cudnn" does not.
+      attention_implementation: an entry of `ATTENTION_IMPLEMENTATIONS`, the
+        same kernel the backbone runs under that name
+        (`apt_jax.models.layers.dot_product_attention`); "xla" and
+        "xla_autodiff" have second derivatives (exact R1), "cudnn" has not.
     """
 
     config: MMDiTConfig
@@ -120,9 +127,7 @@ class CrossAttentionHead(nn.Module):
         if cfg.qk_norm == "rms_norm":
             q = HeadRMSNorm(cfg, name="norm_q")(q)
             key = HeadRMSNorm(cfg, name="norm_k")(key)
-        out = jax.nn.dot_product_attention(
-            q, key, value, implementation=self.attention_implementation
-        )
+        out = dot_product_attention(q, key, value, self.attention_implementation)
         x = x + dense(cfg, d, (axes.HEADS, axes.EMBED), "to_out")(out.reshape(b, 1, d))
         x = x + FeedForward(cfg, name="ff")(layer_norm(cfg)(x))
         return x[:, 0]
@@ -139,7 +144,8 @@ class APTHeads(nn.Module):
     Attributes:
       config: the backbone's architecture.
       head_layers: 0-based block indices whose outputs the heads read.
-      attention_implementation: kernel of the heads' attention.
+      attention_implementation: kernel of the heads' attention (as in
+        `CrossAttentionHead`).
     """
 
     config: MMDiTConfig

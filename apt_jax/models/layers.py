@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from apt_jax.models import axes
 from apt_jax.models.attention import attention
-from apt_jax.models.config import MMDiTConfig
+from apt_jax.models.config import ATTENTION_IMPLEMENTATIONS, MMDiTConfig
 
 Initializer = Any
 
@@ -127,19 +127,40 @@ def modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndar
 def dot_product_attention(
     q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, implementation: str
 ) -> jnp.ndarray:
-    """Softmax attention on `(B, T, H, K)` inputs, by `implementation`.
+    """Softmax attention `softmax(q k^T / sqrt(K)) v`, no mask, by `implementation`.
 
-    "xla": `apt_jax.models.attention` (heads-major, closed-form softmax
-    gradient; differentiable twice in reverse mode: exact R1);
-    "xla_autodiff": `jax.nn.dot_product_attention` differentiated by JAX (also
-    forward mode); "cudnn": the fused GPU kernel, first-order only, needing
-    fp16/bf16 inputs.
+    The one place where an entry of `ATTENTION_IMPLEMENTATIONS` becomes a
+    kernel: the MMDiT's joint attention and the APT discriminator's
+    cross-attention heads both call it, so a name means the same kernel in both.
+
+      "xla": `apt_jax.models.attention` (heads-major, closed-form softmax
+        gradient; differentiable twice in reverse mode: exact R1).
+      "xla_autodiff": `jax.nn.dot_product_attention(implementation="xla")`
+        differentiated by JAX (twice in reverse mode, and in forward mode).
+      "cudnn": the fused GPU kernel, first-order only, needing fp16/bf16 inputs.
+
+    Args:
+      q: queries `(B, Tq, H, K)`.
+      k, v: keys and values `(B, Tk, H, K)`; Tk may differ from Tq (the
+        discriminator's heads have one query token).
+      implementation: an entry of `ATTENTION_IMPLEMENTATIONS`.
+
+    Returns:
+      `(B, Tq, H, K)`, in the inputs' dtype.
+
+    Raises:
+      ValueError: `implementation` is not an entry of `ATTENTION_IMPLEMENTATIONS`.
     """
     if implementation == "xla":
         return attention(q, k, v)
     if implementation == "xla_autodiff":
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    raise ValueError(
+        f"attention_implementation={implementation!r} is unknown; use one of "
+        f"{ATTENTION_IMPLEMENTATIONS}."
+    )
 
 
 class Attention(nn.Module):
