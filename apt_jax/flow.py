@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,6 +32,7 @@ import numpy as np
 from jax.scipy.special import ndtri
 
 __all__ = [
+    "VelocityFn",
     "DENSITIES",
     "LOSS_WEIGHTINGS",
     "interpolate",
@@ -47,6 +49,10 @@ __all__ = [
     "diffsynth_weight_table",
     "loss_weight",
 ]
+
+#: ``velocity_fn(x: (B, ...), t: (B,), cond: pytree with leading dim B) -> v: (B, ...)``,
+#: the network's velocity under the convention above; every sampler and loss takes one.
+VelocityFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 Array = jax.Array
 

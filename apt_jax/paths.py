@@ -19,8 +19,10 @@ PathLike = str | os.PathLike
 
 
 def as_path(path: PathLike) -> epath.Path:
-    """`path` as an `epath.Path`: a local path as given, a URI (`gs://...`) unchanged."""
-    return epath.Path(os.fspath(path))
+    """`path` as an `epath.Path`: a local path made absolute (orbax needs absolute
+    paths), a URI (`gs://...`) unchanged."""
+    path = os.fspath(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def is_local(path: PathLike) -> bool:

@@ -9,13 +9,13 @@ and ``v`` has the shape of ``x``. Integration runs from ``t = 1`` (noise) toward
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apt_jax.flow import VelocityFn
 from apt_jax.flow import shift as _time_shift
 
 __all__ = [
@@ -29,8 +29,6 @@ __all__ = [
 
 Array = jax.Array
 PyTree = Any
-#: ``velocity_fn(x: (B, ...), t: (B,), cond: pytree with leading dim B) -> v: (B, ...)``.
-VelocityFn = Callable[[Array, Array, PyTree], Array]
 
 _DIFFUSERS_NUM_TRAIN_TIMESTEPS = 1000
 

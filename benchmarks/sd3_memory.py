@@ -1,7 +1,9 @@
 """Per-device memory of the SD3-medium flow-matching SFT train step, FSDP over 8 devices.
 
-Ahead-of-time compiles one full train step (forward, backward, AdamW update,
-EMA update; state donated) for the real SD3-medium shapes at 1024 px
+Ahead-of-time compiles the real train step of `configs/sd3_sft.py`
+(`apt_jax.tasks.sft`, built with `build_task(config, check_sources=False)`:
+forward, backward, AdamW update, EMA update; state donated) for the real
+SD3-medium shapes at 1024 px
 (latents 128x128x16, 333 context tokens of width 4096, pooled 2048) on 8
 simulated CPU devices with mesh (data=1, fsdp=8, tensor=1), from abstract
 inputs only (no weight is ever materialised), and prints
@@ -36,127 +38,41 @@ import json  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from apt_jax.lora import LoRA, LoRASettings  # noqa: E402
-from apt_jax.models import MMDiT, dummy_inputs, get_variant, param_count  # noqa: E402
-from apt_jax.models.axes import DEFAULT_RULES  # noqa: E402
-from apt_jax.models.partitioning import axis_rules, logical_shardings, unbox  # noqa: E402
-from apt_jax.objectives.sft import flow_matching_loss  # noqa: E402
-from apt_jax.train import sharding  # noqa: E402
-from apt_jax.train.lora_state import create_state, model_params  # noqa: E402
-from apt_jax.train.optim import make_optimizer  # noqa: E402
-from apt_jax.train.state import apply_gradients, compute_grads  # noqa: E402
+from apt_jax.models import param_count  # noqa: E402
+from apt_jax.tasks import build_task  # noqa: E402
+from configs import sd3_sft  # noqa: E402
 
 GiB = 2**30
-FLOW = dict(
-    density="logit_normal",
-    logit_mean=0.0,
-    logit_std=1.0,
-    mode_scale=1.29,
-    shift=3.0,
-    stratified=True,
-    weighting="none",
-)
-ADAMW = ml_collections.ConfigDict(
-    dict(
-        name="adamw",
-        learning_rate=1e-5,
-        schedule="constant",
-        warmup_steps=0,
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        weight_decay=0.01,
-        grad_clip_norm=1.0,
-        accumulation_steps=1,
-    )
-)
-EMA_DECAY = 0.999
 
 
-def build_step(
-    config, mesh, batch_size: int, latent_size: int, context_len: int, lora_settings=None
-):
-    """(jitted step, abstract state, abstract batch, abstract rng) for one config."""
-    rules = DEFAULT_RULES
-    tx = make_optimizer(ADAMW, total_steps=1000)
-    model = MMDiT(config)
-    lora = None
-    if lora_settings is not None:
-        boxed_params = jax.eval_shape(
-            lambda r: model.init(r, *dummy_inputs(config))["params"], jax.random.key(0)
-        )
-        lora = LoRA.for_params(lora_settings, boxed_params)
-
-    def init_boxed(rng):
-        params = model.init(rng, *dummy_inputs(config))["params"]
-        return create_state(params, tx, lora)
-
-    # Shapes and logical names only: nothing is allocated.
-    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-    state_shardings = logical_shardings(boxed, mesh, rules)
-    abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        unbox(boxed),
-        state_shardings,
-    )
-    shapes = {
-        "latents": (batch_size, latent_size, latent_size, config.in_channels),
-        "context": (batch_size, context_len, config.joint_attention_dim),
-        "pooled": (batch_size, config.pooled_projection_dim),
-    }
-    batch_shardings = {k: sharding.batch_sharding(mesh, len(s)) for k, s in shapes.items()}
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=batch_shardings[k])
-        for k, s in shapes.items()
-    }
-    repl = sharding.replicated(mesh)
-    abstract_rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=repl)
-
-    def loss_fn(params, batch, rng):
-        def velocity(x, t, cond):
-            return model.apply({"params": params}, x, t, cond["context"], cond["pooled"])
-
-        cond = {"context": batch["context"], "pooled": batch["pooled"]}
-        return flow_matching_loss(velocity, batch["latents"], cond, rng, FLOW)
-
-    def train_step(state, batch, rng):
-        with axis_rules(rules, mesh):
-            rng = jax.random.fold_in(rng, state.step)
-            grads, metrics = compute_grads(
-                lambda p, b, r: loss_fn(model_params(state, p), b, r), state.params, batch, rng
-            )
-            return apply_gradients(state, grads, tx, EMA_DECAY), metrics
-
-    step = jax.jit(
-        train_step,
-        in_shardings=(state_shardings, batch_shardings, repl),
-        out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=0,
-    )
-    return step, abstract_state, abstract_batch, abstract_rng
+def sft_config(args, remat_policy: str, compute_dtype: str, lora_rank: int):
+    """`configs/sd3_sft.py:sd3-medium` at the benchmark's sizes, on (data=1, fsdp=8)."""
+    config = sd3_sft.get_config("sd3-medium")
+    config.model.num_layers = args.num_layers
+    config.model.remat_policy = remat_policy
+    config.model.dtype = compute_dtype
+    config.model.param_dtype = args.param_dtype
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 8, 1
+    config.batch_size = args.batch_per_device * 8
+    # Batch shapes from the config alone: no dataset is opened.
+    config.data.latent_size = args.latent_size
+    config.data.context_length = args.context_len
+    config.data.data_dir, config.data.dataset = "unused", "unused"
+    if lora_rank:
+        config.lora.rank = config.lora.alpha = lora_rank
+        config.lora.target_modules = args.lora_targets
+        config.init_from = "abstract"  # LoRA needs a base; nothing is read when compiling
+    return config
 
 
 def measure(args, remat_policy: str, compute_dtype: str, lora_rank: int = 0) -> dict:
-    config = get_variant(
-        "sd3-medium",
-        scan_layers=True,
-        remat_policy=remat_policy,
-        num_layers=args.num_layers,
-        dtype=compute_dtype,
-        param_dtype=args.param_dtype,
-    )
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
-    batch = args.batch_per_device * sharding.batch_divisor(mesh)
-    settings = LoRASettings(lora_rank, lora_rank, args.lora_targets) if lora_rank else None
-    step, state, data, rng = build_step(
-        config, mesh, batch, args.latent_size, args.context_len, settings
-    )
+    """Compiles the real `apt_jax.tasks.sft` step from abstract inputs; its memory."""
+    config = sft_config(args, remat_policy, compute_dtype, lora_rank)
+    task = build_task(config, check_sources=False)
+    state = task.abstract_state
     t0 = time.perf_counter()
-    lowered = step.lower(state, data, rng)
+    lowered = task.train_step.lower(state, task.abstract_batch, task.abstract_rng())
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()

@@ -22,7 +22,8 @@ both stages ends at 1.16x the 25-step teacher's per-frame distance with a
 lower motion error than the teacher's.
 """
 
-from apt_jax.train.config import model_config, moving_digits_data_config
+from apt_jax.data.registry import moving_digits_data_config
+from apt_jax.train.config import model_config
 from configs import digits_apt
 from configs.moving_digits_sft import parse_stage
 

@@ -11,7 +11,8 @@ the video teacher's (`configs/moving_digits_sft.py:video`). A clip costs 4x an
 image's tokens, so the batch is 32.
 """
 
-from apt_jax.train.config import model_config, moving_digits_data_config
+from apt_jax.data.registry import moving_digits_data_config
+from apt_jax.train.config import model_config
 from configs import digits_distill
 
 

@@ -13,7 +13,8 @@ through exactly the image path (frame 0's temporal code is zero), so nothing
 changes between the stages but the data. Append ",tiny" for a seconds-long run.
 """
 
-from apt_jax.train.config import model_config, moving_digits_data_config
+from apt_jax.data.registry import moving_digits_data_config
+from apt_jax.train.config import model_config
 from configs import digits_sft
 
 STAGES = ("image", "video")

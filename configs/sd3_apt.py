@@ -27,7 +27,8 @@ sigma 0.01; D noising `t ~ shift(U(0, 1), 1)`; EMA 0.995. The paper's batch is
 found AAPT's relativistic loss steadier at toy scale: `--config.loss=relativistic`.
 """
 
-from apt_jax.train.config import base_config, latents_data_config, model_config, rmsprop_config
+from apt_jax.data.registry import latents_data_config
+from apt_jax.train.config import base_config, model_config, rmsprop_config
 
 SD3_VARIANTS = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
 

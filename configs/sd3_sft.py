@@ -23,7 +23,8 @@ over all devices (SD3-medium at 1024px needs ~11 GiB per device at batch 1 per
 device with fsdp = 8: docs/benchmarks.md#sd3-medium-memory).
 """
 
-from apt_jax.train.config import base_config, latents_data_config, model_config
+from apt_jax.data.registry import latents_data_config
+from apt_jax.train.config import base_config, model_config
 
 SD3_VARIANTS = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
 

@@ -60,28 +60,8 @@ _LORA = flags.DEFINE_bool(
 flags.mark_flag_as_required("out")
 
 
-def _generator_state(state):
-    """The generator's TrainState and the frozen base its LoRA adapters apply to (or None)."""
-    from apt_jax.train.lora_state import LoRATrainState
-
-    if isinstance(state, dict) and "generator" in state:
-        state = state["generator"]
-    if isinstance(state, dict) and "student" in state:  # distillation: the teacher is the base
-        return state["student"], state["teacher"]
-    return state, (state.base if isinstance(state, LoRATrainState) else None)
-
-
-def _generator_params(task, state, use_ema: bool):
-    """The MMDiT parameters of a run's state (single- or multi-role), adapters merged."""
-    from apt_jax.train.lora_state import lora_for
-
-    state, base = _generator_state(state)
-    params = state.ema_params if use_ema else state.params
-    if params is None:
-        raise ValueError("This run keeps no EMA weights; pass --noema.")
-    lora = lora_for(task.config.get("lora"), lambda: base)
-    if lora is not None:
-        params = lora.merge(base, params)
+def _mmdit_params(params):
+    """The MMDiT of a generator's params (a label embedder is not exported)."""
     if isinstance(params, dict) and "mmdit" in params:
         dropped = sorted(k for k in params if k != "mmdit")
         if dropped:
@@ -123,7 +103,7 @@ def to_diffusers() -> None:
         if _LORA.value:
             write_adapters(task, state, config, step)
             return
-        params = _generator_params(task, state, _EMA.value)
+        params = _mmdit_params(task.generator_weights(state, ema=_EMA.value).full())
         source = f"{_WORKDIR.value} step {step} ({'EMA' if _EMA.value else 'trained'} weights)"
     else:
         from apt_jax.convert.params_checkpoint import load_params
@@ -143,14 +123,11 @@ def to_diffusers() -> None:
 
 def write_adapters(task, state, config, step) -> None:
     from apt_jax.convert import diffusers_lora
-    from apt_jax.train.lora_state import lora_for
 
-    state, base = _generator_state(state)
-    lora = lora_for(task.config.get("lora"), lambda: base)
-    if lora is None:
+    weights = task.generator_weights(state, ema=_EMA.value)
+    if weights.lora is None:
         raise app.UsageError(f"--lora: {_WORKDIR.value} is not a LoRA run (config.lora.rank 0).")
-    adapters = state.ema_params if _EMA.value else state.params
-    path = diffusers_lora.save_adapters(config, lora, adapters, _OUT.value)
+    path = diffusers_lora.save_adapters(config, weights.lora, weights.trained, _OUT.value)
     which = "EMA" if _EMA.value else "trained"
     print(f"Wrote the {which} LoRA adapters of {_WORKDIR.value} step {step} to {path}")
 

@@ -13,7 +13,8 @@ import pytest
 from apt_jax import sampling
 from apt_jax.objectives import adversarial as adv
 from apt_jax.objectives.apt import APTLossSettings, discriminator_loss, generator_loss
-from apt_jax.tasks import apt, build_task, common
+from apt_jax.tasks import apt, build_task
+from apt_jax.tasks.networks import make_discriminator, make_generator
 from apt_jax.tasks.runs import load_run
 from apt_jax.train import sharding
 from apt_jax.train.config import rmsprop_config
@@ -45,7 +46,7 @@ def batch(teacher_dir):
 def loss_inputs(teacher_dir, batch):
     task = one_device(apt_config(teacher_dir))
     state = task.init_state(jax.random.key(0))
-    disc = apt.make_discriminator(task.config)
+    disc = make_discriminator(task.config)
     real = jnp.asarray(batch["image"][:4])
     fake = jax.random.normal(jax.random.key(5), real.shape) * 0.5
     labels = jnp.asarray(batch["label"][:4])
@@ -175,7 +176,7 @@ def test_step_updates_d_then_g_through_the_updated_d(exact_tasks, batch):
     config = task.config
     state = task.init_state(jax.random.key(0))
     g0, d0 = state["generator"].params, state["discriminator"].params
-    disc, gen = apt.make_discriminator(config), common.class_conditional_generator(config)
+    disc, gen = make_discriminator(config), make_generator(config)
     settings = apt.loss_settings(config)
     g_tx = make_optimizer(config.generator_optimizer, config.total_steps)
     d_tx = apt.discriminator_optimizer(config.discriminator_optimizer, config.total_steps)
@@ -255,7 +256,7 @@ def test_resume_equals_uninterrupted_run(exact_tasks, tmp_path):
         (dict(r1_mode="exactly"), "r1_mode='exactly' is unknown"),
         (dict(loss="hinge"), "loss='hinge' is unknown"),
         (dict(r1_sigma=0.0), "r1_sigma=0.0 must be > 0"),
-        (dict(d_head_layers=(0, 5)), "head"),
+        (dict(d_head_layers=(0, 5)), r"head_layers has indices \[5\] outside \[0, num_layers=2\)"),
         ({"discriminator_optimizer.accumulation_steps": 2}, "accumulation_steps must be 1"),
         (dict(generator_workdir=""), "generator_workdir is empty"),
         (dict(teacher_workdir="/nonexistent"), "holds no checkpoints"),

@@ -7,11 +7,13 @@ import pytest
 
 from apt_jax import sampling
 from apt_jax.objectives.distill import direct_distill_loss, noise_from_seeds, teacher_solution
-from apt_jax.tasks import build_task, common
+from apt_jax.tasks import build_task
+from apt_jax.tasks.networks import make_generator
 from apt_jax.tasks.distill import make_targets, uncond_labels
 from apt_jax.tasks.runs import load_run
 from apt_jax.train import sharding
-from apt_jax.train.config import model_config, moving_digits_data_config
+from apt_jax.data.registry import moving_digits_data_config
+from apt_jax.train.config import model_config
 from apt_jax.train.loop import train
 from configs import digits_distill
 
@@ -25,7 +27,7 @@ def distill_config(teacher_dir, variant="deterministic", **overrides):
 
 def test_direct_loss_reaches_every_student_step(teacher_dir):
     task, state, _ = load_run(teacher_dir)
-    gen = common.class_conditional_generator(task.config)
+    gen = make_generator(task.config)
     params = state.ema_params
     k = 4
     sigmas = sampling.shifted_linear_sigmas(k, 1.0)
@@ -54,7 +56,7 @@ def test_precomputed_targets_equal_on_the_fly(teacher_dir, tmp_path):
     assert rows["seed"].tolist() == list(range(100, 112))
     # The step's on-the-fly path: the same functions, from the same seeds.
     task, state, _ = load_run(teacher_dir)
-    gen = common.class_conditional_generator(task.config)
+    gen = make_generator(task.config)
     config = distill_config(teacher_dir, teacher_steps=3, teacher_cfg=2.0)
     labels = jnp.asarray(rows["label"])
     target = teacher_solution(

@@ -10,7 +10,8 @@ import pytest
 
 from apt_jax.lora import LoRA, LoRASettings, dense_modules, matches
 from apt_jax.models import get_variant, init_params
-from apt_jax.tasks import build_task, common
+from apt_jax.tasks import build_task
+from apt_jax.tasks.networks import make_generator
 from apt_jax.tasks.runs import load_run
 from apt_jax.train import sharding
 from apt_jax.train.loop import train
@@ -100,7 +101,7 @@ def test_patterns():
 
 def test_pattern_matching_nothing_lists_the_modules(mmdit):
     _, params = mmdit
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError, match="'attn.to_k' matches no dense module") as e:
         LoRA.for_params(LoRASettings(4, 4.0, ("to_q", "attn.to_k")), params)
     msg = str(e.value)
     assert "'attn.to_k' matches no dense module" in msg
@@ -278,7 +279,7 @@ def test_apt_lora_trains_g_and_d_adapters_and_d_heads(teacher_dir):
     # G's step gradient flows through the merged weights into the adapters only.
     merged = model_params(new["generator"])
     assert not leaves_equal(merged, before["generator"].base)
-    gen = common.class_conditional_generator(c)
+    gen = make_generator(c)
     z = jnp.zeros((2, 8, 8, 1))
     out = gen.velocity(task.served_params(new), z, jnp.ones((2,)), jnp.zeros((2,), jnp.int32))
     assert np.all(np.isfinite(np.asarray(out)))

@@ -34,22 +34,15 @@ from etils import epath
 from apt_jax.models.config import MMDiTConfig
 from apt_jax.models.mmdit import abstract_params as config_abstract_params
 from apt_jax.models.partitioning import unbox
+from apt_jax.paths import as_path
 
-__all__ = ["save_params", "load_params", "read_config", "CONFIG_NAME", "PARAMS_DIR"]
+__all__ = ["save_params", "load_params", "read_mmdit_config", "CONFIG_NAME", "PARAMS_DIR"]
 
 CONFIG_NAME = "mmdit_config.json"
 PARAMS_DIR = "params"
 # How many offending key paths a mismatch error lists.
 _MAX_LISTED = 10
 _SCANNED = re.compile(r"transformer_blocks_\d+_\d+")
-
-
-def _as_path(path: str | os.PathLike) -> epath.Path:
-    """Absolute local path, or a cloud path (`gs://...`) unchanged."""
-    path = os.fspath(path)
-    if "://" not in path:
-        path = os.path.abspath(path)
-    return epath.Path(path)
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -128,7 +121,7 @@ def save_params(
     have = _flat(params)
     if msg := _mismatch(have, want, "params", "the MMDiTConfig's tree", _layout_hint(config, have)):
         raise ValueError(msg)
-    folder = _as_path(path)
+    folder = as_path(path)
     params_dir = folder / PARAMS_DIR
     if (params_dir.exists() or (folder / CONFIG_NAME).exists()) and not overwrite:
         raise FileExistsError(
@@ -184,13 +177,13 @@ def _read_config(folder: epath.Path) -> MMDiTConfig:
         raise ValueError(f"{config_file} has fields MMDiTConfig does not know: {e}") from e
 
 
-def read_config(path: str | os.PathLike) -> MMDiTConfig:
+def read_mmdit_config(path: str | os.PathLike) -> MMDiTConfig:
     """The `MMDiTConfig` of a checkpoint, from its JSON alone (no arrays are read).
 
     Raises:
       FileNotFoundError / ValueError: as `load_params`.
     """
-    return _read_config(_as_path(path))
+    return _read_config(as_path(path))
 
 
 def load_params(path: str | os.PathLike, *, abstract_params: Any = None) -> tuple[MMDiTConfig, Any]:
@@ -213,7 +206,7 @@ def load_params(path: str | os.PathLike, *, abstract_params: Any = None) -> tupl
         not fit `abstract_params` (missing / unexpected key paths and shape
         mismatches listed).
     """
-    folder = _as_path(path)
+    folder = as_path(path)
     config = _read_config(folder)
     params_dir = folder / PARAMS_DIR
     if not params_dir.exists():

@@ -37,6 +37,17 @@ class ClassConditionalMMDiT:
     def null_label(self) -> int:
         return self.num_classes
 
+    def null_condition(self, labels: jax.Array) -> jax.Array:
+        """The unconditional input (CFG's negative): the null class, shaped like `labels`."""
+        return jnp.full_like(labels, self.null_label)
+
+    def drop_condition(self, labels: jax.Array, rng: jax.Array, prob: float) -> jax.Array:
+        """Replaces each label by the null class with probability `prob` (CFG training)."""
+        if prob <= 0.0:
+            return labels
+        drop = jax.random.bernoulli(rng, prob, labels.shape)
+        return jnp.where(drop, self.null_label, labels)
+
     @property
     def label_embedder(self) -> LabelEmbedder:
         return LabelEmbedder(

@@ -1,6 +1,6 @@
 """The APT discriminator and generator losses, with the R1 / R2 penalties chosen by settings.
 
-Pure functions of `(params, samples, labels, rng)`; the APT recipe
+Pure functions of `(params, samples, cond, rng)`; the APT recipe
 (`apt_jax.tasks.apt`) differentiates them, and `benchmarks/apt_r1.py` times them.
 
 D loss (per batch, averaged over samples):
@@ -27,6 +27,7 @@ x, not its noise.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +118,7 @@ def discriminator_loss(
     params: dict,
     real: jax.Array,
     fake: jax.Array,
-    labels: jax.Array,
+    cond: Any,
     rng: jax.Array,
     *,
     attention_implementation: str | None = None,
@@ -131,7 +132,8 @@ def discriminator_loss(
       real: real samples `(B, ...)`.
       fake: generated samples `(B, ...)`; pass them through `stop_gradient`
         (only D is trained here).
-      labels: `(B,)` int conditions of both (sample i of each has label i).
+      cond: the condition of both (sample i of each has condition i): class labels
+        `(B,)`, or the text condition `{"context", "pooled"}`.
       rng: PRNG key of D's noising and the penalties' perturbations.
       attention_implementation: kernel of the passes differentiated once.
 
@@ -147,7 +149,7 @@ def discriminator_loss(
     def logits_fn(impl):
         return disc.logits_fn(
             params,
-            labels,
+            cond,
             r_noise,
             shift=settings.d_timestep_shift,
             attention_implementation=impl or attention_implementation,
@@ -188,7 +190,7 @@ def generator_loss(
     d_params: dict,
     fake: jax.Array,
     real: jax.Array,
-    labels: jax.Array,
+    cond: Any,
     rng: jax.Array,
     *,
     attention_implementation: str | None = None,
@@ -199,11 +201,11 @@ def generator_loss(
     Returns (scalar loss, {"g_loss"}).
     """
     kw = dict(shift=settings.d_timestep_shift, attention_implementation=attention_implementation)
-    fake_logits = disc.noised_logits(d_params, fake, labels, rng, **kw)
+    fake_logits = disc.noised_logits(d_params, fake, cond, rng, **kw)
     if settings.loss == "nonsaturating":
         per_sample = adv.g_loss_nonsaturating(fake_logits)
     elif settings.loss == "relativistic":
-        real_logits = disc.noised_logits(d_params, real, labels, rng, **kw)  # paired noise
+        real_logits = disc.noised_logits(d_params, real, cond, rng, **kw)  # paired noise
         per_sample = adv.g_loss_relativistic(jax.lax.stop_gradient(real_logits), fake_logits)
     else:
         per_sample = adv.wgan_g_loss(fake_logits)

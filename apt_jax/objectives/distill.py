@@ -9,7 +9,7 @@ rows `(seed, label, target)` equal the ones made on the fly inside the step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apt_jax import sampling
-
-VelocityFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+from apt_jax.flow import VelocityFn
 
 _NOISE_KEY = 0x5EED
 

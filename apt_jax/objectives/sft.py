@@ -7,23 +7,14 @@ stratification over the global batch and a per-timestep weighting.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from apt_jax import flow
-
-VelocityFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
-
-
-def drop_labels(labels: jax.Array, rng: jax.Array, prob: float, null_label: int) -> jax.Array:
-    """Replaces each label by `null_label` with probability `prob` (CFG training)."""
-    if prob <= 0.0:
-        return labels
-    drop = jax.random.bernoulli(rng, prob, labels.shape)
-    return jnp.where(drop, null_label, labels)
+from apt_jax.flow import VelocityFn
 
 
 def sample_training_timesteps(rng: jax.Array, batch: int, flow_cfg: Mapping[str, Any]) -> jax.Array:

@@ -1,16 +1,9 @@
-"""One module per training stage; `build_task(config)` picks it by `config.task`."""
+"""One module per training stage; `build_task(config)` picks it by `config.task`.
 
-from __future__ import annotations
+Importing the stage modules registers their builders (`runs.register`).
+"""
 
-import ml_collections
+from apt_jax.tasks import apt, distill, sft  # noqa: F401  (registers the builders)
+from apt_jax.tasks.runs import build_task, load_run, task_names
 
-from apt_jax.tasks import apt, distill, sft
-from apt_jax.tasks.common import Task
-
-BUILDERS = {"sft": sft.build, "distill": distill.build, "apt": apt.build}
-
-
-def build_task(config: ml_collections.ConfigDict, mesh=None) -> Task:
-    if config.task not in BUILDERS:
-        raise ValueError(f"config.task={config.task!r} is unknown; use one of {sorted(BUILDERS)}.")
-    return BUILDERS[config.task](config, mesh)
+__all__ = ["build_task", "load_run", "task_names"]

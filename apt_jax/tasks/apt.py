@@ -21,19 +21,21 @@ G forward and one G backward, not two forwards. The price is that G's
 activations stay alive through D's update (use `model.remat_policy` when
 memory is short).
 
-The labels of the generated batch are the real batch's (sample i of each has
-the same class), which is what the relativistic loss pairs.
+The generated batch takes the real batch's conditions (sample i of each has
+the same class or caption), which is what the relativistic loss pairs.
 
-Text-conditioned runs (a latents dataset, `common.conditioning`) condition both
-networks on the batch's `{"context", "pooled"}` embeddings the same way, and
-may start both from converted checkpoints instead of runs (`sources`): D's
-backbone from `config.init_from`, G from `config.generator_init_from` (or,
-when neither it nor `generator_workdir` is set, from `init_from` too).
+The condition `cond` is the batch's class labels, or for text-conditioned runs
+(a latents dataset, `apt_jax.data.registry`) its `{"context", "pooled"}`
+embeddings; both networks take it the same way. Text runs may start both
+from converted checkpoints instead of runs (`sources`): D's backbone from
+`config.init_from`, G from `config.generator_init_from` (or, when neither it
+nor `generator_workdir` is set, from `init_from` too).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,21 +43,19 @@ import ml_collections
 import optax
 
 from apt_jax import sampling
-from apt_jax.models import APTDiscriminator, ClassConditionalMMDiT
+from apt_jax.data import registry
+from apt_jax.models import APTDiscriminator
 from apt_jax.models.partitioning import axis_rules, logical_shardings, unbox
 from apt_jax.objectives.apt import APTLossSettings, discriminator_loss, generator_loss
-from apt_jax.tasks import common
+from apt_jax.tasks import weights
+from apt_jax.tasks.networks import Generator, make_discriminator, make_generator
+from apt_jax.tasks.runs import register
 from apt_jax.train import sharding
-from apt_jax.train.config import validate_common
-from apt_jax.train.lora_state import (
-    LoRATrainState,
-    create_state,
-    lora_for,
-    model_params,
-    served_params,
-)
+from apt_jax.train.config import mmdit_config, validate_common
+from apt_jax.train.lora_state import create_state, lora_for, model_params
 from apt_jax.train.optim import make_optimizer, make_schedule
 from apt_jax.train.state import apply_gradients
+from apt_jax.train.task import Task, abstract_state, jit_train_step
 
 ROLES = ("generator", "discriminator")
 
@@ -112,17 +112,6 @@ def discriminator_optimizer(
     return optax.chain(tx, optax.stateless(scale_heads))
 
 
-def make_discriminator(config: ml_collections.ConfigDict) -> APTDiscriminator:
-    layers = tuple(config.d_head_layers) or None
-    return APTDiscriminator(
-        common.mmdit_config(config),
-        config.num_classes,
-        config.context_tokens,
-        head_layers=layers,
-        conditioning=common.conditioning(config),
-    )
-
-
 def sources(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
     """Where D's backbone ("teacher") and G start: `(kind, config key)`, kind "run"
     (a workdir; its served weights) or "checkpoint" (a converted params checkpoint).
@@ -148,7 +137,8 @@ def sources(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
     else:
         generator = ("run", "generator_workdir")
     found = {"teacher": teacher, "generator": generator}
-    if common.conditioning(config) == "class" and any(k == "checkpoint" for k, _ in found.values()):
+    from_checkpoint = any(kind == "checkpoint" for kind, _ in found.values())
+    if registry.conditioning(config) == "class" and from_checkpoint:
         raise ValueError(
             "Converted checkpoints (config.init_from / generator_init_from) start text-"
             "conditioned APT runs; class-conditional runs start from teacher_workdir and "
@@ -157,8 +147,9 @@ def sources(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
     return found
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks the config and both source runs, before anything is compiled."""
+def validate(config: ml_collections.ConfigDict, check_sources: bool = True) -> None:
+    """Checks the config and, with `check_sources`, the dataset and both sources,
+    before anything is compiled."""
     validate_common(config)
     loss_settings(config)
     make_discriminator(config)  # head layers within the depth
@@ -170,18 +161,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"config.{role}_optimizer.accumulation_steps must be 1: the APT step updates "
                 "D and G once each per batch. Lower config.batch_size or add devices instead."
             )
-    common.validate_data(config)
-    for what, (kind, key) in sources(config).items():
-        if kind == "checkpoint":
-            common.check_pretrained(config, key)
-            continue
-        source = common.run_config(config[key], key)
-        if common.conditioning(source) != common.conditioning(config):
-            raise ValueError(
-                f"config.{key}={config[key]!r} was trained on {source.data.name} and this run "
-                f"on {config.data.name}: G and D must be conditioned alike."
-            )
-        common.check_same_model(config, source, what)
+    found = sources(config)
+    if check_sources:
+        registry.check_on_disk(config, mmdit_config(config))
+        for what, (_, key) in found.items():
+            weights.check_start(config, key, what)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,12 +173,13 @@ class APTStep:
     """`(state, batch, rng) -> (state, metrics)`: one D update, then one G update.
 
     A pure function of its arguments (jit it; `build` does, with shardings).
-    `batch` is `{"image": (B, ...), "label": (B,)}`; `state` is
+    `batch` is a dataset's batch (`registry.split_batch` gives `(x, cond)`:
+    `{"image": (B, ...), "label": (B,)}` for digits); `state` is
     `{"generator": TrainState, "discriminator": TrainState}`. The key of step n
     is `step_rngs(rng, n)` (n = G's update count).
     """
 
-    gen: ClassConditionalMMDiT
+    gen: Generator
     disc: APTDiscriminator
     settings: APTLossSettings
     g_tx: optax.GradientTransformation
@@ -203,11 +188,11 @@ class APTStep:
     ema_warmup: bool = True
     attention_implementation: str | None = None
 
-    def generate(self, g_params, z, labels):
+    def generate(self, g_params, z, cond):
         """`G(z, c) = z - v(z, 1, c)`, `(B, ...)`."""
-        return sampling.one_step_generate(self.gen.velocity_fn(g_params), z, labels)
+        return sampling.one_step_generate(self.gen.velocity_fn(g_params), z, cond)
 
-    def discriminator_update(self, d, real, fake, labels, rng):
+    def discriminator_update(self, d, real, fake, cond, rng):
         """D's TrainState after one update on real and (stopped) generated samples."""
 
         def d_loss(p):
@@ -217,7 +202,7 @@ class APTStep:
                 model_params(d, p),
                 real,
                 jax.lax.stop_gradient(fake),
-                labels,
+                cond,
                 rng,
                 attention_implementation=self.attention_implementation,
             )
@@ -229,13 +214,13 @@ class APTStep:
     def __call__(self, state, batch, rng):
         g, d = state["generator"], state["discriminator"]
         r_z, r_d, r_g = step_rngs(rng, g.step)
-        real, labels = common.split_batch(batch)  # labels: class labels or text embeddings
+        real, cond = registry.split_batch(batch)  # class labels or text embeddings
         z = jax.random.normal(r_z, real.shape, real.dtype)
 
         # 1. G's samples and their pullback.
-        fake, g_pullback = jax.vjp(lambda p: self.generate(model_params(g, p), z, labels), g.params)
+        fake, g_pullback = jax.vjp(lambda p: self.generate(model_params(g, p), z, cond), g.params)
         # 2. D update.
-        new_d, metrics = self.discriminator_update(d, real, fake, labels, r_d)
+        new_d, metrics = self.discriminator_update(d, real, fake, cond, r_d)
 
         # 3. G update through the updated D.
         def g_loss(x_hat):
@@ -245,7 +230,7 @@ class APTStep:
                 model_params(new_d),
                 x_hat,
                 real,
-                labels,
+                cond,
                 r_g,
                 attention_implementation=self.attention_implementation,
             )
@@ -257,12 +242,13 @@ class APTStep:
         return {"generator": new_g, "discriminator": new_d}, metrics
 
 
-def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
-    validate(config)
+@register("apt")
+def build(config: ml_collections.ConfigDict, mesh=None, *, check_sources: bool = True) -> Task:
+    validate(config, check_sources)
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
     rules = config.logical_axis_rules
-    gen = common.make_generator(config)
+    gen = make_generator(config)
     disc = make_discriminator(config)
     settings = loss_settings(config)
     total = config.total_steps
@@ -288,8 +274,8 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
             "discriminator": create_state(disc.init_boxed(rng), d_tx, d_lora, ema=False),
         }
 
-    abstract_state, state_shardings = common.abstract_state(boxed_init, mesh, rules)
-    # The source runs' served params arrive in the generator's parameter shardings.
+    state_abstract, state_shardings = abstract_state(boxed_init, mesh, rules)
+    # The sources arrive in the generator's parameter shardings.
     gen_shardings = logical_shardings(jax.eval_shape(gen.init_boxed, key), mesh, rules)
 
     def _assemble(rng, teacher, generator):
@@ -306,27 +292,17 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
     )
 
     def init_state(rng):
-        """G and D's backbone from their `sources`: a run's served weights, or a
-        converted checkpoint restored straight into G's shardings."""
-        from apt_jax.tasks.runs import load_run
-
-        start, loaded = {}, {}
-        for role, (kind, key) in sources(config).items():
-            if kind == "run":
-                task, state, _ = load_run(config[key], mesh=mesh)
-                start[role] = task.served_params(state)
-            else:
-                if key not in loaded:  # one checkpoint for both: read once
-                    g_abstract = abstract_state["generator"]
-                    if isinstance(g_abstract, LoRATrainState):  # the frozen base
-                        abstract = g_abstract.base["mmdit"]
-                    else:
-                        abstract = g_abstract.params["mmdit"]
-                    loaded[key] = {
-                        "mmdit": common.load_pretrained_mmdit(config[key], abstract, key)
-                    }
-                start[role] = loaded[key]
-        return assemble(rng, start["teacher"], start["generator"])
+        """G and D's backbone from their `sources` (`weights.load_start`); one
+        converted checkpoint that starts both is read once."""
+        mmdit_abstract = weights.trained_mmdit(state_abstract["generator"])
+        keys = {role: key for role, (_, key) in sources(config).items()}
+        loaded: dict[str, Any] = {}
+        for key in keys.values():
+            if key not in loaded:
+                loaded[key] = weights.load_start(
+                    config, key, mesh=mesh, abstract_mmdit=mmdit_abstract
+                )
+        return assemble(rng, loaded[keys["teacher"]], loaded[keys["generator"]])
 
     # -------------------------------------------------------------------- step
     step = APTStep(
@@ -347,17 +323,12 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
             metrics["g_learning_rate"] = g_lr(state["generator"].step)
             return new_state, metrics
 
-    served = lambda s: served_params(s["generator"])  # noqa: E731
-    evaluate, sample = common.generator_functions(gen, config, served)
-
-    return common.Task(
+    return Task(
         config=config,
         mesh=mesh,
+        generator=gen,
         init_state=init_state,
-        abstract_state=abstract_state,
-        train_step=common.jit_train_step(train_step, state_shardings, mesh),
-        make_iterator=common.iterator_factory(config),
-        evaluate=evaluate,
-        sample=sample,
-        served_params=served,
+        abstract_state=state_abstract,
+        train_step=jit_train_step(train_step, state_shardings, mesh),
+        generator_weights=lambda s, ema: weights.state_weights(s["generator"], ema),
     )

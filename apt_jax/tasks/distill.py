@@ -30,7 +30,8 @@ import numpy as np
 import optax
 
 from apt_jax import sampling
-from apt_jax.data.pipeline import make_train_iterator
+from apt_jax.data import registry
+from apt_jax.eval.generate import sample_labels
 from apt_jax.models.partitioning import axis_rules, logical_shardings
 from apt_jax.objectives.distill import (
     deterministic_distill_loss,
@@ -38,21 +39,23 @@ from apt_jax.objectives.distill import (
     noise_from_seeds,
     teacher_solution,
 )
-from apt_jax.tasks import common
+from apt_jax.tasks import weights
+from apt_jax.tasks.networks import make_generator
+from apt_jax.tasks.runs import load_run, register
 from apt_jax.train import sharding
 from apt_jax.train.config import validate_common
 from apt_jax.train.lora_state import lora_for
 from apt_jax.train.optim import make_optimizer, make_schedule
 from apt_jax.train.state import apply_gradients, compute_grads, create_train_state
+from apt_jax.train.task import Task, abstract_batch, abstract_state, jit_train_step
 
 VARIANTS = ("deterministic", "direct")
 TARGETS = ("on_the_fly", "precomputed")
 
 
-# ------------------------------------------------------------------- teacher
 # -------------------------------------------------------------------- config
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks the config and the teacher run; returns the teacher's config."""
+def validate(config: ml_collections.ConfigDict, check_sources: bool = True) -> None:
+    """Checks the config; with `check_sources`, the teacher run and the targets file too."""
     validate_common(config)
     if config.variant not in VARIANTS:
         raise ValueError(f"config.variant={config.variant!r} is unknown; use one of {VARIANTS}.")
@@ -60,11 +63,22 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(f"config.targets={config.targets!r} is unknown; use one of {TARGETS}.")
     if config.variant == "direct" and config.student_steps < 1:
         raise ValueError("config.student_steps must be >= 1 for direct distillation.")
+    if config.get("init_from"):
+        raise ValueError(
+            "config.init_from is read by the sft and apt tasks; distillation starts from "
+            "config.teacher_workdir (a run) instead."
+        )
+    if registry.conditioning(config) != "class":
+        raise ValueError(
+            f"config.data.name={config.data.name!r}: distillation trains on class labels "
+            "(digits, moving_digits) only; text-conditioned latents train with the sft and "
+            "apt tasks."
+        )
+    if not check_sources:
+        return
     if config.targets == "precomputed":
         _check_targets_file(config)
-    teacher_config = common.run_config(config.teacher_workdir)
-    common.check_same_model(config, teacher_config)
-    return teacher_config
+    weights.check_same_model(config, weights.run_config(config.teacher_workdir))
 
 
 def _check_targets_file(config) -> None:
@@ -77,7 +91,7 @@ def _check_targets_file(config) -> None:
     with np.load(path) as f:
         steps, cfg = int(f["teacher_steps"]), float(f["teacher_cfg"])
         target_shape = tuple(f["target"].shape[1:])
-    _, shape = common.make_source(config)
+    shape = registry.sample_shape(config)
     if target_shape != tuple(shape):
         raise ValueError(
             f"{path} holds targets of shape {target_shape}, but config.data gives samples of "
@@ -118,18 +132,20 @@ def uncond_labels(labels: jax.Array, config, null_label: int) -> jax.Array:
 
 
 # --------------------------------------------------------------------- build
-def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
-    validate(config)
+@register("distill")
+def build(config: ml_collections.ConfigDict, mesh=None, *, check_sources: bool = True) -> Task:
+    validate(config, check_sources)
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
     rules = config.logical_axis_rules
-    gen = common.class_conditional_generator(config)
+    gen = make_generator(config)
     tx = make_optimizer(config.optimizer, config.total_steps)
     lr_schedule = make_schedule(config.optimizer, config.total_steps)
-    _, image_shape = common.make_source(config)
+    image_shape = registry.sample_shape(config)
 
-    # Sharded state: the student starts from the teacher's (EMA) weights. Under
-    # LoRA (config.lora) the student trains adapters whose frozen base is the
+    # ------------------------------------------------------------ sharded state
+    # The student starts from the teacher's (EMA) weights. Under LoRA
+    # (config.lora) the student trains adapters whose frozen base is the
     # teacher itself, so the weights are held once.
     boxed_params = jax.eval_shape(gen.init_boxed, jax.random.key(0))
     param_shardings = logical_shardings(boxed_params, mesh, rules)
@@ -146,7 +162,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
         params = gen.init_boxed(rng)
         return {"student": new_student(params), "teacher": params}
 
-    abstract_state, state_shardings = common.abstract_state(boxed_init, mesh, rules)
+    state_abstract, state_shardings = abstract_state(boxed_init, mesh, rules)
     from_teacher = jax.jit(
         lambda t: {"student": new_student(t), "teacher": t},
         in_shardings=(param_shardings,),
@@ -155,11 +171,10 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
 
     def init_state(rng):
         del rng  # the student is the teacher's copy
-        from apt_jax.tasks.runs import load_run
+        teacher = weights.load_start(config, "teacher_workdir", mesh=mesh, abstract_mmdit=None)
+        return from_teacher(teacher)
 
-        teacher_task, teacher_state, _ = load_run(config.teacher_workdir, mesh=mesh)
-        return from_teacher(teacher_task.served_params(teacher_state))
-
+    # -------------------------------------------------------------------- step
     t_sigmas = teacher_sigmas(config)
     s_sigmas = sampling.shifted_linear_sigmas(config.student_steps, config.student_shift)
 
@@ -206,32 +221,34 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
             s = apply_gradients(s, grads, tx, config.ema_decay, config.ema_warmup)
             return {"student": s, "teacher": state["teacher"]}, metrics
 
+    # -------------------------------------------------------------------- data
     if config.targets == "precomputed":
-        source = TargetsSource(config.targets_path)
-
-        def make_iterator():
-            return make_train_iterator(
-                source,
-                global_batch_size=config.batch_size,
-                seed=config.seed,
-                worker_count=config.data.worker_count,
-            )
+        example = {
+            "seed": ((), np.int32),
+            "label": ((), np.int32),
+            "target": (image_shape, np.float32),
+        }
+        targets = lambda: TargetsSource(config.targets_path)  # noqa: E731
+        make_iterator = registry.iterator_factory(config, targets)
     else:
-        make_iterator = common.iterator_factory(config)
+        example = registry.example_spec(config)
+        make_iterator = registry.iterator_factory(config)
 
-    served_params = lambda s: student_params(s, s["student"].ema_params)  # noqa: E731
-    evaluate, sample = common.generator_functions(gen, config, served_params)
+    # Under LoRA the student's trees are adapters over the teacher.
+    def generator_weights(state, ema):
+        base = None if adapt is None else state["teacher"]
+        return weights.state_weights(state["student"], ema, base=base, lora=adapt)
 
-    return common.Task(
+    return Task(
         config=config,
         mesh=mesh,
+        generator=gen,
         init_state=init_state,
-        abstract_state=abstract_state,
-        train_step=common.jit_train_step(train_step, state_shardings, mesh),
+        abstract_state=state_abstract,
+        train_step=jit_train_step(train_step, state_shardings, mesh),
+        generator_weights=generator_weights,
+        abstract_batch=abstract_batch(example, config.batch_size, mesh),
         make_iterator=make_iterator,
-        evaluate=evaluate,
-        sample=sample,
-        served_params=served_params,
     )
 
 
@@ -253,11 +270,9 @@ def make_targets(
     Writes an .npz with `seed, label, target` and the settings `teacher_steps`,
     `teacher_cfg`, `teacher_shift` (DiffSynth stores the same per row).
     """
-    from apt_jax.tasks.runs import load_run
-
     task, state, _ = load_run(teacher_workdir)
-    gen = common.class_conditional_generator(task.config)
-    _, image_shape = common.make_source(task.config)
+    gen = make_generator(task.config)
+    image_shape = registry.sample_shape(task.config)
     settings = ml_collections.ConfigDict(
         dict(teacher_steps=steps, teacher_shift=shift, teacher_negative_label=negative_label)
     )
@@ -273,7 +288,7 @@ def make_targets(
 
     params = task.served_params(state)
     seeds = (first_seed + np.arange(num)).astype(np.int32)
-    labels = common.sample_labels(num, gen.num_classes)
+    labels = sample_labels(num, gen.num_classes)
     targets = np.concatenate(
         [
             np.asarray(solve(params, seeds[i : i + chunk], labels[i : i + chunk]))

@@ -1,14 +1,56 @@
-"""Open a finished (or running) training run from its workdir alone."""
+"""Build a stage's task from a config, and open a run from its workdir alone.
+
+Each stage module (`sft`, `distill`, `apt`) registers its `build` under its
+`config.task` name with `@register`; `apt_jax.tasks` imports them all, so
+`build_task` knows every stage. Stages that start from another run (a teacher,
+a generator) open it with `load_run`, which builds that run's task in turn:
+the registry is what lets that recursion go without an import cycle.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import ml_collections
 
-from apt_jax.tasks import build_task
-from apt_jax.tasks.common import Task
 from apt_jax.train import sharding
 from apt_jax.train.checkpoint import Checkpointer
+from apt_jax.train.task import Task
+
+_BUILDERS: dict[str, Callable[..., Task]] = {}
+
+
+def register(name: str) -> Callable:
+    """Registers `build(config, mesh=None, *, check_sources=True) -> Task` as the
+    builder of `config.task == name`."""
+
+    def add(build: Callable[..., Task]) -> Callable[..., Task]:
+        _BUILDERS[name] = build
+        return build
+
+    return add
+
+
+def task_names() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def build_task(config: ml_collections.ConfigDict, mesh=None, *, check_sources: bool = True) -> Task:
+    """The `Task` of `config.task`.
+
+    Args:
+      config: the run's ConfigDict.
+      mesh: where the state lives (default `config.mesh` over all devices).
+      check_sources: read what the run starts from now (the dataset's metadata,
+        source runs' and converted checkpoints' configs) so a mismatch fails
+        before anything compiles. False builds from the config alone (shapes and
+        shardings), as an ahead-of-time compile needs; those files are then read
+        only when `init_state` / `make_iterator` are called.
+    """
+    if config.task not in _BUILDERS:
+        raise ValueError(f"config.task={config.task!r} is unknown; use one of {task_names()}.")
+    return _BUILDERS[config.task](config, mesh, check_sources=check_sources)
 
 
 def load_run(workdir: str, step: int | None = None, mesh=None) -> tuple[Task, object, int]:

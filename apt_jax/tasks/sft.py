@@ -3,9 +3,9 @@
 Builds, from a config: the mesh, the sharded train state (params, AdamW state,
 EMA), the jitted train step, the data iterator and the evaluator. The model is
 class-conditional on the digits and text-conditioned on a latents dataset
-(`common.conditioning`). `config.init_from` (a checkpoint `launch/convert.py`
-wrote) starts the MMDiT from pretrained weights, restored straight into the
-state's shardings; without it the MMDiT starts fresh.
+(`apt_jax.data.registry`). The MMDiT starts fresh, from a converted checkpoint
+(`config.init_from`, restored straight into the state's shardings) or from a
+run (`config.init_workdir`, its served weights); see `apt_jax.tasks.weights`.
 """
 
 from __future__ import annotations
@@ -15,24 +15,26 @@ import ml_collections
 import optax
 
 from apt_jax import flow
-from apt_jax.models.partitioning import axis_rules, unbox
+from apt_jax.data import registry
+from apt_jax.models.partitioning import axis_rules, logical_shardings, unbox
 from apt_jax.objectives.sft import flow_matching_loss
-from apt_jax.tasks import common
+from apt_jax.tasks import weights
+from apt_jax.tasks.networks import make_generator
+from apt_jax.tasks.runs import register
 from apt_jax.train import sharding
-from apt_jax.train.config import validate_common
-from apt_jax.train.lora_state import (
-    LoRATrainState,
-    create_state,
-    lora_for,
-    model_params,
-    served_params,
-)
+from apt_jax.train.config import mmdit_config, validate_common
+from apt_jax.train.lora_state import create_state, lora_for, model_params
 from apt_jax.train.optim import make_optimizer, make_schedule
 from apt_jax.train.state import apply_gradients, compute_grads
+from apt_jax.train.task import Task, jit_train_step, sharded_init
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError for a bad SFT config, before anything is compiled."""
+# -------------------------------------------------------------------- config
+def validate(config: ml_collections.ConfigDict, check_sources: bool = True) -> None:
+    """Raises ValueError for a bad SFT config, before anything is compiled.
+
+    `check_sources` also reads the dataset's metadata and the starting
+    weights' stored config (`apt_jax.tasks.runs.build_task`)."""
     validate_common(config)
     f = config.flow
     if f.density not in flow.DENSITIES:
@@ -51,63 +53,61 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.batch_size={config.batch_size} is not divisible by "
             f"config.optimizer.accumulation_steps={k}."
         )
-    common.validate_data(config)
+    start = start_key(config)
+    if start is None and config.get("lora", {}).get("rank", 0):
+        raise ValueError(
+            "config.lora.rank > 0 trains adapters on frozen weights, but neither "
+            "config.init_workdir (an SFT run) nor config.init_from (a converted checkpoint) is "
+            "set (the base would be random): pass one, e.g. --config.init_workdir=RUN."
+        )
+    if check_sources:
+        registry.check_on_disk(config, mmdit_config(config))
+        if start is not None:
+            weights.check_start(config, start, "init")
+
+
+def start_key(config: ml_collections.ConfigDict) -> str | None:
+    """The key naming the starting weights: "init_from", "init_workdir" or None (fresh)."""
     init_from, init_workdir = config.get("init_from", ""), config.get("init_workdir", "")
     if init_from and init_workdir:
         raise ValueError(
             "config.init_from (a converted checkpoint) and config.init_workdir (a run) both "
             "name the starting weights; set one."
         )
-    if init_from:
-        common.check_pretrained(config, "init_from")
-    elif init_workdir:
-        common.check_same_model(config, common.run_config(init_workdir, "init_workdir"), "init")
-    elif config.get("lora", {}).get("rank", 0):
-        raise ValueError(
-            "config.lora.rank > 0 trains adapters on frozen weights, but neither "
-            "config.init_workdir (an SFT run) nor config.init_from (a converted checkpoint) is "
-            "set (the base would be random): pass one, e.g. --config.init_workdir=RUN."
-        )
+    return "init_from" if init_from else "init_workdir" if init_workdir else None
 
 
-def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
-    validate(config)
+# --------------------------------------------------------------------- build
+@register("sft")
+def build(config: ml_collections.ConfigDict, mesh=None, *, check_sources: bool = True) -> Task:
+    validate(config, check_sources)
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
     rules = config.logical_axis_rules
-    gen = common.make_generator(config)
+    gen = make_generator(config)
     tx = make_optimizer(config.optimizer, config.total_steps)
     lr_schedule = make_schedule(config.optimizer, config.total_steps)
 
+    # ------------------------------------------------------------ sharded state
     # Full training, or LoRA adapters over frozen weights (config.lora).
-    adapt = lora_for(config.get("lora"), lambda: jax.eval_shape(gen.init_boxed, jax.random.key(0)))
-    init_state, abstract_state, state_shardings = common.sharded_init(
-        lambda rng: create_state(gen.init_boxed(rng), tx, adapt), mesh, rules
+    boxed_params = jax.eval_shape(gen.init_boxed, jax.random.key(0))
+    adapt = lora_for(config.get("lora"), lambda: boxed_params)
+    make_state = lambda params: create_state(params, tx, adapt)  # noqa: E731
+    init_state, abstract_state, state_shardings = sharded_init(
+        lambda rng: make_state(gen.init_boxed(rng)), mesh, rules
     )
-    if config.get("init_from", ""):
-        init_state = _pretrained_init(
-            gen,
-            lambda p: create_state(p, tx, adapt),
-            config.init_from,
-            abstract_state,
-            state_shardings,
-            mesh,
-        )
-    elif config.get("init_workdir", ""):
-        init_state = common.init_from_run(
-            config.init_workdir,
-            lambda p: create_state(p, tx, adapt),
-            gen,
-            mesh,
-            rules,
-            state_shardings,
+    start = start_key(config)
+    if start is not None:
+        init_state = _init_from(
+            config, start, gen, make_state, abstract_state, state_shardings, mesh, boxed_params
         )
 
+    # -------------------------------------------------------------------- step
     def loss_fn(params, batch, rng):
         r_drop, r_loss = jax.random.split(rng)
-        x0, cond = common.split_batch(batch)
-        # CFG dropout: the null class, or zeroed text embeddings.
-        cond = common.drop_condition(gen, cond, r_drop, config.flow.label_dropout)
+        x0, cond = registry.split_batch(batch)
+        # CFG dropout: the null class, or zeroed text embeddings (SD3).
+        cond = gen.drop_condition(cond, r_drop, config.flow.label_dropout)
         return flow_matching_loss(gen.velocity_fn(params), x0, cond, r_loss, config.flow)
 
     def train_step(state, batch, rng):
@@ -124,47 +124,46 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> common.Task:
             metrics["learning_rate"] = lr_schedule(state.step)
             return apply_gradients(state, grads, tx, config.ema_decay, config.ema_warmup), metrics
 
-    # Samplers serve the EMA weights (merged onto the base under LoRA).
-    evaluate, sample = common.generator_functions(gen, config, served_params)
-
-    return common.Task(
+    return Task(
         config=config,
         mesh=mesh,
+        generator=gen,
         init_state=init_state,
         abstract_state=abstract_state,
-        train_step=common.jit_train_step(train_step, state_shardings, mesh),
-        make_iterator=common.iterator_factory(config),
-        evaluate=evaluate,
-        sample=sample,
-        served_params=served_params,
+        train_step=jit_train_step(train_step, state_shardings, mesh),
+        # Samplers serve the EMA weights (merged onto the base under LoRA).
+        generator_weights=weights.state_weights,
     )
 
 
-def _pretrained_init(gen, make_state, path, abstract_state, state_shardings, mesh):
-    """`rng -> state` whose MMDiT (params and EMA, or LoRA's frozen base) comes from the
-    checkpoint at `path`; anything else (a label embedder, adapters) starts fresh.
+def _init_from(config, key, gen, make_state, abstract_state, state_shardings, mesh, boxed_params):
+    """`rng -> state` whose params start from `config.<key>` (`weights.load_start`).
 
-    `make_state`: `params -> state` (full training or LoRA, `lora_state.create_state`).
+    A converted checkpoint holds the MMDiT alone: it fills the MMDiT (params
+    and EMA, or LoRA's frozen base) and anything else (a label embedder)
+    starts fresh. A run gives the whole generator.
     """
-    base_params = lambda s: s.base if isinstance(s, LoRATrainState) else s.params  # noqa: E731
-    mmdit_abstract = base_params(abstract_state)["mmdit"]
-    mmdit_shardings = base_params(state_shardings)["mmdit"]
+    mmdit_abstract = weights.trained_mmdit(abstract_state)
+    param_shardings = logical_shardings(boxed_params, mesh, config.logical_axis_rules)
 
-    def init_with(rng, mmdit):
-        params = unbox(gen.init_boxed(rng))  # the fresh MMDiT is dead code, never computed
-        params["mmdit"] = mmdit
+    def init_with(rng, start):
+        params = unbox(gen.init_boxed(rng))  # what `start` replaces is dead code, never computed
+        params.update(start)
         return make_state(params)
 
+    start_shardings = (
+        {"mmdit": param_shardings["mmdit"]} if weights.is_checkpoint_key(key) else param_shardings
+    )
     # The restored arrays are donated: they become the params; the EMA is a copy.
     init_jit = jax.jit(
         init_with,
-        in_shardings=(sharding.replicated(mesh), mmdit_shardings),
+        in_shardings=(sharding.replicated(mesh), start_shardings),
         out_shardings=state_shardings,
         donate_argnums=1,
     )
 
     def init_state(rng):
-        mmdit = common.load_pretrained_mmdit(path, mmdit_abstract, "init_from")
-        return init_jit(rng, mmdit)
+        start = weights.load_start(config, key, mesh=mesh, abstract_mmdit=mmdit_abstract)
+        return init_jit(rng, start)
 
     return init_state

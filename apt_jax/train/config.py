@@ -1,5 +1,8 @@
 """The config keys every recipe shares, their defaults and their validation.
 
+Each stage (`apt_jax.tasks.<stage>`) validates its own keys on top of these;
+the dataset keys are the registry's (`apt_jax.data.registry`).
+
 Recipe configs (`configs/*.py`) start from `base_config()` and override. Code
 never reads a global config: the ConfigDict is passed down explicitly.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from apt_jax.data import registry
 from apt_jax.models import MMDiTConfig, axes, get_variant
 
 
@@ -83,38 +87,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def latents_data_config() -> ml_collections.ConfigDict:
-    """`config.data` of a text-conditioned run on a dataset `launch/prepare_latents.py`
-    built: pass `--config.data.data_dir=DIR --config.data.dataset=NAME`."""
-    return ml_collections.ConfigDict(
-        dict(
-            name="latents",
-            data_dir="",
-            dataset="",
-            eval_split="validation",  # or "train" when no rows are held out
-            worker_count=0,
-            shuffle=True,
-        )
-    )
-
-
-def moving_digits_data_config(num_frames: int = 4) -> ml_collections.ConfigDict:
-    """`config.data` of a run on `apt_jax.data.moving_digits` clips; `num_frames=1`
-    is the image stage (digits at random positions, as one-frame videos)."""
-    return ml_collections.ConfigDict(
-        dict(
-            name="moving_digits",
-            num_frames=num_frames,
-            canvas=12,
-            max_speed=2,
-            num_clips=16384,
-            seed=0,  # the set's own seed (config.seed drives the shuffle and noise)
-            worker_count=0,
-            shuffle=True,
-        )
-    )
-
-
 def rmsprop_config(learning_rate: float) -> ml_collections.ConfigDict:
     """An optimizer block (`config.*_optimizer`) for APT's RMSProp: alpha 0.9, constant
     rate, no warm-up, no clipping, no accumulation (the paper's settings)."""
@@ -147,48 +119,5 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.log_every must be a positive int.")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1).")
-    validate_data_keys(config)
-    if config.get("init_from") and config.task not in ("sft", "apt"):
-        raise ValueError(
-            f"config.init_from is read by the sft and apt tasks; config.task={config.task!r} "
-            "starts from config.teacher_workdir (a run) instead."
-        )
-    mmdit_config(config)  # raises on contradictory model fields
-
-
-DATA_NAMES = ("digits", "moving_digits", "latents")
-
-
-def validate_data_keys(config: ml_collections.ConfigDict) -> None:
-    """`config.data` names a known dataset with the keys it needs (no files are read)."""
-    data = config.data
-    if data.name not in DATA_NAMES:
-        raise ValueError(f"config.data.name={data.name!r} is unknown; use one of {DATA_NAMES}.")
-    if data.name == "moving_digits":
-        model = mmdit_config(config)
-        if not model.is_video:
-            raise ValueError(
-                "config.data.name='moving_digits' gives (B, F, H, W, C) clips but config.model "
-                "is image-only: set --config.model.patch_size_t=1 (or use a digits-video model)."
-            )
-        if data.num_frames % model.patch_size_t:
-            raise ValueError(
-                f"config.data.num_frames={data.num_frames} is not a multiple of "
-                f"config.model.patch_size_t={model.patch_size_t}; the image stage "
-                "(num_frames=1) needs patch_size_t=1."
-            )
-        # Shapes, channels, patch divisibility and the position table, before tracing.
-        model.check_inputs((1, data.num_frames, data.canvas, data.canvas, 1))
-    if data.name == "latents":
-        for key in ("data_dir", "dataset", "eval_split"):
-            if not data.get(key):
-                raise ValueError(
-                    f"config.data.{key} is empty: a latents run needs --config.data.data_dir=DIR "
-                    "--config.data.dataset=NAME (built by launch/prepare_latents.py) and "
-                    "config.data.eval_split (validation or train)."
-                )
-        if config.task not in ("sft", "apt"):
-            raise ValueError(
-                f"config.task={config.task!r} trains on class labels (digits) only; text-"
-                "conditioned latents train with the sft and apt tasks."
-            )
+    # Contradictory model fields raise here; the dataset must fit the model.
+    registry.validate_keys(config, mmdit_config(config))

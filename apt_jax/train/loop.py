@@ -1,7 +1,7 @@
 """The training loop shared by every recipe.
 
 Sections, in order: restore or init, the loop (step, log, checkpoint,
-evaluate), shutdown. A recipe provides a `Task` (apt_jax.tasks.common).
+evaluate), shutdown. A recipe provides a `Task` (apt_jax.train.task).
 Resuming on the same workdir continues from the newest checkpoint with the
 same data order and random numbers (the step's rng is `fold_in(seed, step)`).
 The train state restores onto whatever mesh the task has now. The data
@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from apt_jax.data.pipeline import seek_to_step
 from apt_jax.paths import as_path
-from apt_jax.tasks.common import Task
 from apt_jax.train.checkpoint import Checkpointer
 from apt_jax.train.metrics_writer import MetricWriter, check_finite
 from apt_jax.train.preemption import PreemptionGuard
 from apt_jax.train.sharding import make_global_batch
+from apt_jax.train.task import Task
 
 log = logging.getLogger(__name__)
 
