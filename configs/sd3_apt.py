@@ -5,8 +5,9 @@
       --config.generator_init_from=ckpt/sd3-medium-distilled \
       --config.data.data_dir=data --config.data.dataset=mydata
 
-Variants: "sd3-medium" (the default), "sd3.5-medium", "sd3.5-large"; "test"
-is the tiny test model for smoke runs.
+Variants: "sd3-medium" (the default), "sd3.5-medium", "sd3.5-large";
+"custom": the architecture of the transformer `init_from` holds
+(`config.model_from`); "test" is the tiny test model for smoke runs.
 
 Where the networks start (`apt_jax.tasks.apt.sources`), all converted
 checkpoints (`launch/convert.py --diffusers ... --scan_layers`):
@@ -35,9 +36,10 @@ SD3_VARIANTS = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
 
 def get_config(variant: str = "sd3-medium"):
     variant = variant or "sd3-medium"
-    if variant not in (*SD3_VARIANTS, "test"):
+    if variant not in (*SD3_VARIANTS, "custom", "test"):
         raise ValueError(
-            f"Unknown variant {variant!r} of sd3_apt; use one of {SD3_VARIANTS} or 'test'."
+            f"Unknown variant {variant!r} of sd3_apt; use one of {SD3_VARIANTS}, "
+            "'custom' or 'test'."
         )
     c = base_config()
     c.task = "apt"
@@ -47,7 +49,11 @@ def get_config(variant: str = "sd3-medium"):
     c.teacher_workdir = ""
     c.generator_workdir = ""
     c.model = model_config(
-        variant, scan_layers=True, remat_policy="full", dtype="bfloat16", param_dtype="float32"
+        "sd3-medium" if variant == "custom" else variant,
+        scan_layers=True,
+        remat_policy="full",
+        dtype="bfloat16",
+        param_dtype="float32",
     )
     c.mesh.data = 1
     c.mesh.fsdp = -1
@@ -80,6 +86,8 @@ def get_config(variant: str = "sd3-medium"):
     c.eval.cfg_scale = 1.0
     c.eval.grid_rows = 4
 
+    if variant == "custom":  # the architecture of whatever transformer init_from holds
+        c.model_from = "init_from"
     if variant == "test":
         c.model = model_config("test")
         c.mesh.data, c.mesh.fsdp = -1, 1

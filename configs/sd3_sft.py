@@ -7,8 +7,10 @@
       --config.data.data_dir=data --config.data.dataset=mydata
 
 Variants: "sd3-medium" (the default), "sd3.5-medium", "sd3.5-large": the
-released architectures (`apt_jax.models.get_variant`); "test": the tiny test
-model for smoke runs on a tiny latents dataset (no init_from needed).
+released architectures (`apt_jax.models.get_variant`); "custom": the
+architecture of whatever SD3-family transformer `init_from` holds (a fine-tune
+of other widths, say; `config.model_from`); "test": the tiny test model for
+smoke runs on a tiny latents dataset (no init_from needed).
 
 The model trains on `(latent, context, pooled)` rows: text-conditioned, CFG
 dropout zeroes a row's context and pooled vector (SD3). `init_from` must hold
@@ -31,9 +33,10 @@ SD3_VARIANTS = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
 
 def get_config(variant: str = "sd3-medium"):
     variant = variant or "sd3-medium"
-    if variant not in (*SD3_VARIANTS, "test"):
+    if variant not in (*SD3_VARIANTS, "custom", "test"):
         raise ValueError(
-            f"Unknown variant {variant!r} of sd3_sft; use one of {SD3_VARIANTS} or 'test'."
+            f"Unknown variant {variant!r} of sd3_sft; use one of {SD3_VARIANTS}, "
+            "'custom' or 'test'."
         )
     c = base_config()
     c.task = "sft"
@@ -46,7 +49,7 @@ def get_config(variant: str = "sd3-medium"):
     c.log_every = 50
     c.eval_every = 2000
     c.model = model_config(
-        variant,
+        "sd3-medium" if variant == "custom" else variant,
         scan_layers=True,
         remat_policy="full",
         dtype="bfloat16",
@@ -80,6 +83,8 @@ def get_config(variant: str = "sd3-medium"):
     c.eval.shift = 3.0
     c.eval.grid_rows = 4
 
+    if variant == "custom":  # the architecture of whatever transformer init_from holds
+        c.model_from = "init_from"
     if variant == "test":
         c.model = model_config("test")
         c.mesh.data, c.mesh.fsdp = -1, 1

@@ -9,7 +9,7 @@ from apt_jax import sampling
 from apt_jax.objectives.distill import direct_distill_loss, noise_from_seeds, teacher_solution
 from apt_jax.tasks import build_task
 from apt_jax.tasks.networks import make_generator
-from apt_jax.tasks.distill import make_targets, uncond_labels
+from apt_jax.tasks.distill import make_targets
 from apt_jax.tasks.runs import load_run
 from apt_jax.train import sharding
 from apt_jax.data.registry import moving_digits_data_config
@@ -63,7 +63,7 @@ def test_precomputed_targets_equal_on_the_fly(teacher_dir, tmp_path):
         gen.velocity_fn(state.ema_params),
         noise_from_seeds(jnp.asarray(rows["seed"]), (8, 8, 1)),
         labels,
-        uncond_labels(labels, config, gen.null_label),
+        gen.null_condition(labels, config.teacher_negative_label),
         sigmas=sampling.shifted_linear_sigmas(3, 1.0),
         cfg_scale=2.0,
     )
@@ -119,7 +119,7 @@ def test_missing_teacher_fails_before_compiling(tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled first"))
     with pytest.raises(ValueError, match="holds no checkpoints"):
         build_task(distill_config(str(tmp_path / "nope")))
-    with pytest.raises(ValueError, match="teacher_workdir is empty"):
+    with pytest.raises(ValueError, match="needs a teacher: pass --config.teacher_workdir"):
         build_task(distill_config(""))
 
 

@@ -33,13 +33,20 @@ Output: `<data_dir>/latents/<name>/1.0.0/`, features
     caption  Text (bytes when read back)
     id       Text
 
-with splits `train` and (when any row is held out) `validation`, in CSV order.
+with splits `train` and (when any row is held out) `validation`, in CSV order,
+and beside them `negative.npz`: the negative prompt's `context` and `pooled`
+(the encoded empty prompt by default, as `StableDiffusion3Pipeline` guides
+with), and the `prompt` text. Classifier-free guidance in sampling, evaluation
+and distillation targets guides against it; a dataset without it falls back to
+zeros, with a warning.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -50,6 +57,7 @@ import numpy as np
 BUILDER_NAME = "latents"
 VERSION = "1.0.0"
 FIELDS = ("latent", "context", "pooled")
+NEGATIVE_FILE = "negative.npz"
 # The ranks each field may have: latents are images (H, W, C) or videos (F, H, W, C).
 FIELD_RANKS = {"latent": (3, 4), "context": (2,), "pooled": (1,)}
 SPLITS = ("train", "validation")
@@ -298,6 +306,8 @@ def build_dataset(
     dtype: str = "float32",
     shapes: Shapes | None = None,
     overwrite: bool = False,
+    negative: dict[str, np.ndarray] | None = None,
+    negative_prompt: str = "",
 ) -> str:
     """Validates `rows` (every file, before writing anything) and packs them.
 
@@ -308,6 +318,9 @@ def build_dataset(
       dtype: storage dtype, "float32" or "float16" (read back as float32).
       shapes: expected shapes; None takes them from the first row.
       overwrite: replace an existing dataset of that name.
+      negative: the negative prompt's `{"context": (L, D), "pooled": (P,)}`
+        (the rows' shapes), stored as `negative.npz`; None stores none.
+      negative_prompt: its text, kept with it.
 
     Returns:
       The dataset's folder.
@@ -323,6 +336,8 @@ def build_dataset(
     if not name or not name.replace("_", "").isalnum() or not name[0].isalpha():
         raise ValueError(f"Dataset name {name!r} must be letters, digits and '_', from a letter.")
     shapes = validate_rows(rows, shapes)
+    if negative is not None:
+        negative = check_negative(negative, shapes)
     out = dataset_dir(data_dir, name)
     if os.path.exists(out):
         if not overwrite:
@@ -336,7 +351,60 @@ def build_dataset(
         data_dir=data_dir,
     )
     builder.download_and_prepare()
+    if negative is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **negative, prompt=np.array(negative_prompt))
+        with open(os.path.join(out, NEGATIVE_FILE), "wb") as f:
+            f.write(buffer.getvalue())
     return out
+
+
+def check_negative(negative: dict[str, Any], shapes: Shapes) -> dict[str, np.ndarray]:
+    """The negative embedding as float32 arrays of the rows' context / pooled shapes.
+
+    Raises:
+      ValueError: a field missing, of another shape, or not finite.
+    """
+    out, problems = {}, []
+    for field in ("context", "pooled"):
+        if field not in negative:
+            problems.append(f"no {field!r}")
+            continue
+        a = np.asarray(negative[field], np.float32)
+        want = getattr(shapes, field)
+        if a.shape != tuple(want):
+            problems.append(f"{field} has shape {a.shape}; the rows' is {tuple(want)}")
+        elif not np.all(np.isfinite(a)):
+            problems.append(f"{field} has NaN/Inf values")
+        out[field] = a
+    if problems:
+        raise ValueError(
+            "The negative prompt's embedding does not fit the rows: "
+            + "; ".join(problems)
+            + ". Encode the negative prompt with the same text encoders (and "
+            "max_sequence_length) as the captions."
+        )
+    return out
+
+
+def read_negative(data_dir: str, name: str) -> dict[str, np.ndarray] | None:
+    """`{"context": (L, D), "pooled": (P,)}` of the dataset's negative prompt, or
+    None (with a warning) when it was built without one."""
+    path = os.path.join(dataset_dir(data_dir, name), NEGATIVE_FILE)
+    if not os.path.isfile(path):
+        logging.warning(
+            "The latents dataset %r has no negative prompt embedding (%s): CFG guides against "
+            "zero context and pooled vectors, which is not how SD3 pipelines guide. Rebuild it "
+            "with launch/encode.py, or prepare_latents.py --negative_context/--negative_pooled.",
+            name,
+            path,
+        )
+        return None
+    with np.load(path) as f:
+        return {
+            "context": f["context"].astype(np.float32),
+            "pooled": f["pooled"].astype(np.float32),
+        }
 
 
 # ------------------------------------------------------------- reading back

@@ -15,6 +15,7 @@ batch without opening the dataset, which is what an ahead-of-time compile
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -66,9 +67,10 @@ def latents_data_config() -> ml_collections.ConfigDict:
     """`config.data` of a text-conditioned run on a dataset `launch/prepare_latents.py`
     built: pass `--config.data.data_dir=DIR --config.data.dataset=NAME`.
 
-    `latent_size` and `context_length` (0: read from the dataset's metadata)
-    fix the batch shapes without the dataset, for an ahead-of-time compile of
-    the step (`launch/compile.py`); with the dataset on disk they must match it.
+    `latent_size`, `latent_frames` (0: image latents) and `context_length`
+    (0: read from the dataset's metadata) fix the batch shapes without the
+    dataset, for an ahead-of-time compile of the step (`launch/compile.py`);
+    with the dataset on disk they must match it.
     """
     return ml_collections.ConfigDict(
         dict(
@@ -77,6 +79,7 @@ def latents_data_config() -> ml_collections.ConfigDict:
             dataset="",
             eval_split="validation",  # or "train" when no rows are held out
             latent_size=0,
+            latent_frames=0,
             context_length=0,
             worker_count=0,
             shuffle=True,
@@ -132,7 +135,7 @@ def validate_keys(config: ml_collections.ConfigDict, model: MMDiTConfig) -> None
 
 def check_on_disk(config: ml_collections.ConfigDict, model: MMDiTConfig) -> None:
     """A latents dataset must exist, hold the eval split, fit `model` and agree with
-    `config.data.latent_size` / `context_length` where set (from its metadata,
+    `config.data.latent_size` / `latent_frames` / `context_length` where set (from its metadata,
     before anything compiles). The embedded datasets need nothing on disk."""
     if config.data.name != "latents":
         return
@@ -146,9 +149,16 @@ def check_on_disk(config: ml_collections.ConfigDict, model: MMDiTConfig) -> None
                 f"{sorted(spec.splits)}); hold out rows with prepare_latents.py --eval_rows N "
                 "or a 'split' column, or set --config.data.eval_split=train."
             )
-    found_sizes = {"latent_size": spec.shapes.latent[0], "context_length": spec.shapes.context[0]}
+    video = len(spec.shapes.latent) == 4
+    found_sizes = {
+        "latent_size": spec.shapes.latent[-3],
+        "latent_frames": spec.shapes.latent[0] if video else 0,
+        "context_length": spec.shapes.context[0],
+    }
     for key, found in found_sizes.items():
-        if data.get(key, 0) and data[key] != found:
+        # latent_frames = 0 is a claim (image latents) once latent_size is set.
+        given = data.get("latent_size", 0) if key == "latent_frames" else data.get(key, 0)
+        if given and data.get(key, 0) != found:
             raise ValueError(
                 f"config.data.{key}={data[key]} but the dataset {data.dataset!r} has {found}; "
                 f"leave it at 0 (read from the dataset) or fix it."
@@ -167,12 +177,15 @@ def example_spec(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int
         shape = (data.num_frames, data.canvas, data.canvas, 1)
         return {"video": (shape, np.float32), "label": ((), np.int32)}
     dataset(config)
-    size, length = data.get("latent_size", 0), data.get("context_length", 0)
-    if not (size and length):
+    size, frames = data.get("latent_size", 0), data.get("latent_frames", 0)
+    length = data.get("context_length", 0)
+    if size and length:
+        latent = ((frames,) if frames else ()) + (size, size, model.in_channels)
+    else:
         shapes = latents.read_spec(data.data_dir, data.dataset).shapes
-        size, length = size or shapes.latent[0], length or shapes.context[0]
+        latent, length = shapes.latent, shapes.context[0]
     return {
-        "latent": ((size, size, model.in_channels), np.float32),
+        "latent": (tuple(latent), np.float32),
         "context": ((length, model.joint_attention_dim), np.float32),
         "pooled": ((model.pooled_projection_dim,), np.float32),
     }
@@ -223,6 +236,21 @@ def iterator_factory(
         )
 
     return make
+
+
+def negative_condition(config: ml_collections.ConfigDict) -> dict[str, np.ndarray] | None:
+    """What CFG guides against besides the null condition: a latents dataset's
+    negative prompt embedding `{"context": (L, D), "pooled": (P,)}` (None, with a
+    warning, if it has none: zeros then); None for class-conditional data."""
+    if conditioning(config) != "text":
+        return None
+    return _read_negative(config.data.data_dir, config.data.dataset)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_negative(data_dir: str, name: str):
+    # Once per dataset: evaluations ask every time, the warning should say it once.
+    return latents.read_negative(data_dir, name)
 
 
 def split_batch(batch: dict) -> tuple[jax.Array, Any]:

@@ -94,7 +94,8 @@ def _eval_rows(config: ml_collections.ConfigDict, num: int):
 
 
 def _text_samples(gen, params, config, rows: dict, num: int, steps: int, cfg_scale: float, seed):
-    """`num` latents, sample i conditioned on row `i mod len(rows)`."""
+    """`num` latents, sample i conditioned on row `i mod len(rows)`; CFG guides
+    against the dataset's negative prompt (`registry.negative_condition`)."""
     count = len(rows["pooled"])
     return generate(
         gen,
@@ -107,6 +108,7 @@ def _text_samples(gen, params, config, rows: dict, num: int, steps: int, cfg_sca
         image_shape=tuple(rows["latent"].shape[1:]),
         labels=(np.arange(num) % count).astype(np.int32),
         cond_rows={"context": rows["context"], "pooled": rows["pooled"]},
+        negative=registry.negative_condition(config),
         chunk=config.batch_size,
         clip=False,
     )

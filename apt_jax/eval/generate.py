@@ -29,8 +29,8 @@ def _sampler(gen: Generator, steps: int, cfg_scale: float, shift: float):
     sigmas = sampling.shifted_linear_sigmas(steps, shift)
 
     @jax.jit
-    def run(params, noise, cond):
-        uncond = gen.null_condition(cond) if cfg_scale != 1.0 else None
+    def run(params, noise, cond, negative):
+        uncond = gen.null_condition(cond, negative) if cfg_scale != 1.0 else None
         return sampling.euler_sample(
             gen.velocity_fn(params), noise, sigmas, cond, uncond=uncond, cfg_scale=cfg_scale
         )
@@ -50,6 +50,7 @@ def generate(
     image_shape: tuple[int, ...],
     labels: np.ndarray | None = None,
     cond_rows: dict | None = None,
+    negative: Any = None,
     chunk: int = 500,
     clip: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +59,9 @@ def generate(
     Class conditioning: `labels` (default `i mod num_classes`). Text
     conditioning: `cond_rows` `{"context": (R, L, D), "pooled": (R, P)}` and
     `labels` `(num,)` the row each sample takes its embeddings from (gathered
-    a chunk at a time).
+    a chunk at a time). CFG (`cfg_scale != 1`) guides against
+    `gen.null_condition(cond, negative)`: the null class or text condition, or
+    the `negative` class / prompt embedding `{"context": (L, D), "pooled": (P,)}`.
 
     Returns float32 images `(num, *image_shape)`, clipped to [-1, 1] with
     `clip` (latents are not: they are unbounded), and labels. The noise depends
@@ -72,6 +75,6 @@ def generate(
     for i in range(0, num, chunk):
         rows = labels[i : i + chunk]
         cond = rows if cond_rows is None else {k: v[rows] for k, v in cond_rows.items()}
-        out.append(np.asarray(run(params, noise[i : i + chunk], cond)))
+        out.append(np.asarray(run(params, noise[i : i + chunk], cond, negative)))
     images = np.concatenate(out).astype(np.float32)
     return (np.clip(images, -1.0, 1.0) if clip else images), labels

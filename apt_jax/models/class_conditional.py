@@ -37,9 +37,14 @@ class ClassConditionalMMDiT:
     def null_label(self) -> int:
         return self.num_classes
 
-    def null_condition(self, labels: jax.Array) -> jax.Array:
-        """The unconditional input (CFG's negative): the null class, shaped like `labels`."""
-        return jnp.full_like(labels, self.null_label)
+    def null_condition(
+        self, labels: jax.Array, negative: int | jax.Array | None = None
+    ) -> jax.Array:
+        """CFG's unconditional input, shaped like `labels`: the null class, or the
+        `negative` class when one is given (>= 0)."""
+        if negative is None:
+            return jnp.full_like(labels, self.null_label)
+        return jnp.full_like(labels, jnp.where(negative < 0, self.null_label, negative))
 
     def drop_condition(self, labels: jax.Array, rng: jax.Array, prob: float) -> jax.Array:
         """Replaces each label by the null class with probability `prob` (CFG training)."""

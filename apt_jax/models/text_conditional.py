@@ -7,9 +7,10 @@ Parameters are `{"mmdit": <MMDiT tree>}`, the same key the class-conditional
 generator keeps its MMDiT under, so exporters and the APT discriminator find
 it in the same place.
 
-Classifier-free guidance: the null condition is all zeros, and training drops
-a sample's condition by zeroing its context and pooled vector (SD3's recipe
-drops each text encoder's output to zero).
+Classifier-free guidance: sampling guides against the negative prompt's
+embedding (the dataset's, `apt_jax.data.latents.read_negative`; zeros without
+one), and training drops a sample's condition by zeroing its context and
+pooled vector (SD3's recipe drops each text encoder's output to zero).
 """
 
 from __future__ import annotations
@@ -40,9 +41,16 @@ class TextConditionalMMDiT:
         return {"mmdit": mmdit["params"]}
 
     @staticmethod
-    def null_condition(cond: dict) -> dict:
-        """The unconditional input (CFG's negative): zeros shaped like `cond`."""
-        return {k: jnp.zeros_like(cond[k]) for k in COND_KEYS}
+    def null_condition(cond: dict, negative: dict | None = None) -> dict:
+        """CFG's unconditional input, shaped like `cond`: the `negative` prompt's
+        embedding `{"context": (L, D), "pooled": (P,)}` for every sample (what
+        diffusers' SD3 pipeline guides against), or zeros without one."""
+        if negative is None:
+            return {k: jnp.zeros_like(cond[k]) for k in COND_KEYS}
+        return {
+            k: jnp.broadcast_to(jnp.asarray(negative[k], cond[k].dtype), cond[k].shape)
+            for k in COND_KEYS
+        }
 
     @staticmethod
     def drop_condition(cond: dict, rng: jax.Array, prob: float) -> dict:

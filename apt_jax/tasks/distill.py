@@ -8,10 +8,22 @@
     sampler (CFG 1) from z with gradients through every step (remat per
     step), MSE to the teacher's solution.
 
+The condition follows the data (`apt_jax.data.registry`): class labels on the
+digits, text embeddings on a latents dataset. The teacher's CFG guides against
+the null class (or `config.teacher_negative_label`), or against the dataset's
+negative prompt embedding (`registry.negative_condition`; zeros, with a
+warning, for a dataset without one), as diffusers' SD3 pipeline does.
+
+The teacher is a run (`config.teacher_workdir`: its served weights) or, for
+text runs, a converted checkpoint (`config.init_from`); see
+`apt_jax.tasks.weights`. The student starts as the teacher's copy.
+
 Targets (`config.targets`): "on_the_fly" solves the teacher ODE inside the
-jitted step (no gradient); "precomputed" reads rows `(seed, label, target)`
-written by `launch/make_targets.py`. A row's noise is a function of its seed,
-so both give the same targets for the same seed.
+jitted step (no gradient); "precomputed" reads rows written by
+`launch/make_targets.py`, keyed like DiffSynth's by (condition, seed, teacher
+steps, CFG scale): `(seed, label, target)` for labels, `(row, seed, target)`
+for text, `row` indexing the dataset's train split. A row's noise is a
+function of its seed, so both give the same targets for the same seed.
 
 The state is `{"student": TrainState, "teacher": params}`; only the student
 is differentiated. The teacher travels with the state (donated and returned
@@ -22,6 +34,7 @@ own.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,16 +53,18 @@ from apt_jax.objectives.distill import (
     teacher_solution,
 )
 from apt_jax.tasks import weights
-from apt_jax.tasks.networks import make_generator
+from apt_jax.tasks.networks import Generator, make_generator
 from apt_jax.tasks.runs import load_run, register
 from apt_jax.train import sharding
-from apt_jax.train.config import validate_common
+from apt_jax.train.config import mmdit_config, validate_common
 from apt_jax.train.lora_state import lora_for
 from apt_jax.train.optim import make_optimizer, make_schedule
 from apt_jax.train.state import apply_gradients, compute_grads, create_train_state
 from apt_jax.train.task import Task, abstract_batch, abstract_state, jit_train_step
 
 VARIANTS = ("deterministic", "direct")
+# Batch fields holding samples, which precomputed rows replace by (seed, target).
+SAMPLE_KEYS = ("image", "video", "latent")
 TARGETS = ("on_the_fly", "precomputed")
 
 
@@ -63,22 +78,42 @@ def validate(config: ml_collections.ConfigDict, check_sources: bool = True) -> N
         raise ValueError(f"config.targets={config.targets!r} is unknown; use one of {TARGETS}.")
     if config.variant == "direct" and config.student_steps < 1:
         raise ValueError("config.student_steps must be >= 1 for direct distillation.")
-    if config.get("init_from"):
+    key = teacher_key(config)
+    if weights.is_checkpoint_key(key) and registry.conditioning(config) == "class":
         raise ValueError(
-            "config.init_from is read by the sft and apt tasks; distillation starts from "
-            "config.teacher_workdir (a run) instead."
+            "config.init_from (a converted checkpoint, an MMDiT alone) can be the teacher of "
+            "text-conditioned runs only; a class-conditional teacher is a run: pass "
+            "--config.teacher_workdir=RUN."
         )
-    if registry.conditioning(config) != "class":
+    if config.targets == "precomputed" and weights.is_checkpoint_key(key):
         raise ValueError(
-            f"config.data.name={config.data.name!r}: distillation trains on class labels "
-            "(digits, moving_digits) only; text-conditioned latents train with the sft and "
-            "apt tasks."
+            "config.targets='precomputed' reads targets launch/make_targets.py made from a "
+            "teacher run (--teacher_workdir); with a converted teacher (config.init_from) use "
+            "config.targets='on_the_fly'."
         )
     if not check_sources:
         return
+    registry.check_on_disk(config, mmdit_config(config))
+    weights.check_start(config, key, "teacher")
     if config.targets == "precomputed":
         _check_targets_file(config)
-    weights.check_same_model(config, weights.run_config(config.teacher_workdir))
+
+
+def teacher_key(config: ml_collections.ConfigDict) -> str:
+    """The key naming the teacher: "teacher_workdir" (a run) or "init_from" (a
+    converted checkpoint, text runs)."""
+    if config.get("init_from") and config.get("teacher_workdir"):
+        raise ValueError(
+            "config.init_from and config.teacher_workdir both name the teacher; set one."
+        )
+    if config.get("init_from"):
+        return "init_from"
+    if not config.get("teacher_workdir"):
+        raise ValueError(
+            "A distillation run needs a teacher: pass --config.teacher_workdir=RUN (an SFT "
+            "run) or, for text-conditioned runs, --config.init_from=CKPT (launch/convert.py)."
+        )
+    return "teacher_workdir"
 
 
 def _check_targets_file(config) -> None:
@@ -91,6 +126,13 @@ def _check_targets_file(config) -> None:
     with np.load(path) as f:
         steps, cfg = int(f["teacher_steps"]), float(f["teacher_cfg"])
         target_shape = tuple(f["target"].shape[1:])
+        keyed_by_row = "row" in f
+    if keyed_by_row != (registry.conditioning(config) == "text"):
+        kind = "dataset rows (text)" if keyed_by_row else "class labels"
+        raise ValueError(
+            f"{path} holds targets keyed by {kind}, but this run trains on "
+            f"{config.data.name!r}; make the targets from a teacher trained on this data."
+        )
     shape = registry.sample_shape(config)
     if target_shape != tuple(shape):
         raise ValueError(
@@ -105,30 +147,77 @@ def _check_targets_file(config) -> None:
 
 
 class TargetsSource:
-    """Random-access rows `{seed, label, target}` of a precomputed targets file."""
+    """Random-access rows of a precomputed targets file: `{seed, label, target}`,
+    or, for text, `{seed, target, context, pooled}` with the embeddings of the
+    dataset row the target was made for (`records`: the train split)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, records=None):
         with np.load(path) as f:
             self._seeds = f["seed"].astype(np.int32)
-            self._labels = f["label"].astype(np.int32)
             self._targets = f["target"].astype(np.float32)
+            key = "row" if "row" in f else "label"
+            self._keys = f[key].astype(np.int32)
+        if key == "row" and records is None:
+            raise ValueError(f"{path} holds text targets: pass the dataset's records.")
+        self._records = records if key == "row" else None
 
     def __len__(self) -> int:
         return len(self._seeds)
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)
-        return {"seed": self._seeds[i], "label": self._labels[i], "target": self._targets[i]}
+        row = {"seed": self._seeds[i], "target": self._targets[i]}
+        if self._records is None:
+            return {**row, "label": self._keys[i]}
+        example = self._records[self._keys[i]]
+        return {**row, "context": example["context"], "pooled": example["pooled"]}
+
+
+def _targets_source(config: ml_collections.ConfigDict) -> TargetsSource:
+    text = registry.conditioning(config) == "text"
+    return TargetsSource(config.targets_path, registry.make_source(config) if text else None)
 
 
 def teacher_sigmas(config) -> np.ndarray:
     return sampling.shifted_linear_sigmas(config.teacher_steps, config.teacher_shift)
 
 
-def uncond_labels(labels: jax.Array, config, null_label: int) -> jax.Array:
-    """The teacher's negative condition: the null class, or a fixed class."""
-    neg = config.get("teacher_negative_label", -1)
-    return jnp.full_like(labels, null_label if neg < 0 else neg)
+def teacher_negative(config: ml_collections.ConfigDict) -> Any:
+    """What the teacher's CFG guides against besides the null condition: a fixed
+    negative class (`config.teacher_negative_label`, -1: the null class), or the
+    dataset's negative prompt embedding (`registry.negative_condition`)."""
+    if registry.conditioning(config) == "text":
+        return registry.negative_condition(config)
+    return config.get("teacher_negative_label", -1)
+
+
+def teacher_targets(
+    gen: Generator,
+    teacher_params: Any,
+    cond: Any,
+    seeds: jax.Array,
+    image_shape: tuple[int, ...],
+    sigmas: np.ndarray,
+    cfg_scale: float,
+    negative: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """`(z, target)`: the noise `(B, *image_shape)` of `seeds` `(B,)` and the teacher's
+    Euler ODE solution from it under `cond`, CFG `cfg_scale` against
+    `gen.null_condition(cond, negative)`. The one definition of a target, on the
+    fly in the step and ahead of time in `make_targets`."""
+    z = noise_from_seeds(seeds, image_shape)
+    uncond = gen.null_condition(cond, negative)
+    target = teacher_solution(
+        gen.velocity_fn(teacher_params), z, cond, uncond, sigmas=sigmas, cfg_scale=cfg_scale
+    )
+    return z, target
+
+
+def batch_condition(batch: dict) -> Any:
+    """A batch's condition: its labels, or its `{"context", "pooled"}` embeddings."""
+    if "label" in batch:
+        return batch["label"]
+    return {"context": batch["context"], "pooled": batch["pooled"]}
 
 
 # --------------------------------------------------------------------- build
@@ -171,48 +260,48 @@ def build(config: ml_collections.ConfigDict, mesh=None, *, check_sources: bool =
 
     def init_state(rng):
         del rng  # the student is the teacher's copy
-        teacher = weights.load_start(config, "teacher_workdir", mesh=mesh, abstract_mmdit=None)
+        abstract_mmdit = state_abstract["teacher"]["mmdit"]
+        key = teacher_key(config)
+        teacher = weights.load_start(config, key, mesh=mesh, abstract_mmdit=abstract_mmdit)
         return from_teacher(teacher)
 
     # -------------------------------------------------------------------- step
     t_sigmas = teacher_sigmas(config)
     s_sigmas = sampling.shifted_linear_sigmas(config.student_steps, config.student_shift)
+    # The dataset's negative prompt is read with the sources; a compile from the
+    # config alone guides against zeros of the same shapes.
+    text = registry.conditioning(config) == "text"
+    negative = None if text and not check_sources else teacher_negative(config)
 
-    def targets_and_noise(teacher_params, batch, rng):
-        labels = batch["label"]
+    def targets_and_noise(teacher_params, batch, cond, rng):
         if config.targets == "precomputed":
             return noise_from_seeds(batch["seed"], image_shape), batch["target"]
-        seeds = jax.random.randint(rng, labels.shape, 0, jnp.iinfo(jnp.int32).max)
-        z = noise_from_seeds(seeds, image_shape)
-        target = teacher_solution(
-            gen.velocity_fn(teacher_params),
-            z,
-            labels,
-            uncond_labels(labels, config, gen.null_label),
-            sigmas=t_sigmas,
-            cfg_scale=config.teacher_cfg,
+        batch_size = jax.tree.leaves(cond)[0].shape[0]
+        seeds = jax.random.randint(rng, (batch_size,), 0, jnp.iinfo(jnp.int32).max)
+        return teacher_targets(
+            gen, teacher_params, cond, seeds, image_shape, t_sigmas, config.teacher_cfg, negative
         )
-        return z, target
 
     def loss_fn(params, inputs, rng):
         del rng
-        z, labels, target = inputs
+        z, cond, target = inputs
         student = gen.velocity_fn(params)
         if config.variant == "deterministic":
-            return deterministic_distill_loss(student, z, labels, target)
+            return deterministic_distill_loss(student, z, cond, target)
         return direct_distill_loss(
-            student, z, labels, target, sigmas=s_sigmas, remat_steps=config.remat_steps
+            student, z, cond, target, sigmas=s_sigmas, remat_steps=config.remat_steps
         )
 
     def train_step(state, batch, rng):
         with axis_rules(rules, mesh):
             s = state["student"]
             rng = jax.random.fold_in(rng, s.step)
-            z, target = targets_and_noise(state["teacher"], batch, rng)
+            cond = batch_condition(batch)
+            z, target = targets_and_noise(state["teacher"], batch, cond, rng)
             grads, metrics = compute_grads(
                 lambda p, *a: loss_fn(student_params(state, p), *a),
                 s.params,
-                (z, batch["label"], target),
+                (z, cond, target),
                 rng,
                 config.optimizer.accumulation_steps,
             )
@@ -223,13 +312,10 @@ def build(config: ml_collections.ConfigDict, mesh=None, *, check_sources: bool =
 
     # -------------------------------------------------------------------- data
     if config.targets == "precomputed":
-        example = {
-            "seed": ((), np.int32),
-            "label": ((), np.int32),
-            "target": (image_shape, np.float32),
-        }
-        targets = lambda: TargetsSource(config.targets_path)  # noqa: E731
-        make_iterator = registry.iterator_factory(config, targets)
+        # The rows' keys, in place of the dataset's samples: (seed, target) and the condition.
+        example = {k: v for k, v in registry.example_spec(config).items() if k not in SAMPLE_KEYS}
+        example.update(seed=((), np.int32), target=(image_shape, np.float32))
+        make_iterator = registry.iterator_factory(config, lambda: _targets_source(config))
     else:
         example = registry.example_spec(config)
         make_iterator = registry.iterator_factory(config)
@@ -265,39 +351,50 @@ def make_targets(
     negative_label: int = -1,
     chunk: int = 500,
 ) -> dict:
-    """Solves the teacher ODE for rows `seed = first_seed + i`, `label = i mod C`.
+    """Solves the teacher run's ODE for rows `seed = first_seed + i` and writes them.
 
-    Writes an .npz with `seed, label, target` and the settings `teacher_steps`,
-    `teacher_cfg`, `teacher_shift` (DiffSynth stores the same per row).
+    Class-conditional teachers: rows `label = i mod C`, CFG against the null class
+    (or `negative_label >= 0`); the .npz holds `seed, label, target`. Text
+    teachers: rows `row = i mod N` over the teacher's dataset's train split, CFG
+    against the dataset's negative prompt; the .npz holds `seed, row, target`.
+    Both also hold the settings `teacher_steps`, `teacher_cfg`, `teacher_shift`
+    (DiffSynth keys its rows the same way).
     """
     task, state, _ = load_run(teacher_workdir)
-    gen = make_generator(task.config)
-    image_shape = registry.sample_shape(task.config)
-    settings = ml_collections.ConfigDict(
-        dict(teacher_steps=steps, teacher_shift=shift, teacher_negative_label=negative_label)
-    )
-    sigmas = teacher_sigmas(settings)
+    gen, config = task.generator, task.config
+    image_shape = registry.sample_shape(config)
+    sigmas = sampling.shifted_linear_sigmas(steps, shift)
+    text = registry.conditioning(config) == "text"
+    negative = registry.negative_condition(config) if text else negative_label
 
     @jax.jit
-    def solve(params, seeds, labels):
-        z = noise_from_seeds(seeds, image_shape)
-        uncond = uncond_labels(labels, settings, gen.null_label)
-        return teacher_solution(
-            gen.velocity_fn(params), z, labels, uncond, sigmas=sigmas, cfg_scale=cfg_scale
-        )
+    def solve(params, seeds, cond):
+        return teacher_targets(gen, params, cond, seeds, image_shape, sigmas, cfg_scale, negative)[
+            1
+        ]
 
     params = task.served_params(state)
     seeds = (first_seed + np.arange(num)).astype(np.int32)
-    labels = sample_labels(num, gen.num_classes)
+    if text:
+        records = registry.make_source(config)
+        keys = {"row": (np.arange(num) % len(records)).astype(np.int32)}
+
+        def cond_of(rows):
+            examples = [records[r] for r in rows]
+            return {k: np.stack([e[k] for e in examples]) for k in ("context", "pooled")}
+    else:
+        keys = {"label": sample_labels(num, gen.num_classes)}
+        cond_of = lambda rows: rows  # noqa: E731
+    (key,) = keys.values()
     targets = np.concatenate(
         [
-            np.asarray(solve(params, seeds[i : i + chunk], labels[i : i + chunk]))
+            np.asarray(solve(params, seeds[i : i + chunk], cond_of(key[i : i + chunk])))
             for i in range(0, num, chunk)
         ]
     )
     rows = dict(
         seed=seeds,
-        label=labels,
+        **keys,
         target=targets.astype(np.float32),
         teacher_steps=np.int32(steps),
         teacher_cfg=np.float32(cfg_scale),

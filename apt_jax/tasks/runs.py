@@ -14,6 +14,7 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
+from apt_jax.convert.params_checkpoint import read_mmdit_config
 from apt_jax.train import sharding
 from apt_jax.train.checkpoint import Checkpointer
 from apt_jax.train.task import Task
@@ -50,7 +51,42 @@ def build_task(config: ml_collections.ConfigDict, mesh=None, *, check_sources: b
     """
     if config.task not in _BUILDERS:
         raise ValueError(f"config.task={config.task!r} is unknown; use one of {task_names()}.")
-    return _BUILDERS[config.task](config, mesh, check_sources=check_sources)
+    return _BUILDERS[config.task](resolve_model(config), mesh, check_sources=check_sources)
+
+
+# MMDiTConfig fields that say how the network runs, which the run's config keeps
+# when the architecture comes from a checkpoint (`resolve_model`).
+RUNTIME_FIELDS = ("scan_layers", "remat_policy", "attention_implementation", "dtype", "param_dtype")
+
+
+def resolve_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with `config.model`'s architecture read from the converted checkpoint
+    that `config.model_from` names (a config key, e.g. "init_from"), the run's
+    own runtime fields kept (`RUNTIME_FIELDS`); unchanged when `model_from` is
+    empty. The copy's `model_from` is cleared, so the run's stored config
+    describes its model without the checkpoint.
+
+    Raises:
+      ValueError: `model_from` names an empty key or a folder without a checkpoint.
+    """
+    key = config.get("model_from", "")
+    if not key:
+        return config
+    path = config.get(key, "")
+    if not path:
+        raise ValueError(
+            f"config.model_from={key!r} takes the architecture from config.{key}, which is "
+            f"empty: pass --config.{key}=CKPT (launch/convert.py --diffusers ... --scan_layers)."
+        )
+    try:
+        theirs = read_mmdit_config(path).to_dict()
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"config.{key}={path!r} (config.model_from): {e}") from e
+    model = {**theirs, **{k: config.model[k] for k in RUNTIME_FIELDS}}
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.model = ml_collections.ConfigDict(model)
+    resolved.model_from = ""
+    return resolved
 
 
 def load_run(workdir: str, step: int | None = None, mesh=None) -> tuple[Task, object, int]:

@@ -36,6 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
     # A params checkpoint written by launch/convert.py to start the MMDiT from
     # ("": a fresh init); see apt_jax.tasks.sft and apt_jax.tasks.apt.
     c.init_from = ""
+    # A config key naming a converted checkpoint whose architecture replaces
+    # config.model's ("": config.model as written); the `custom` variants of the
+    # SD3 recipes set "init_from" (apt_jax.tasks.runs.resolve_model).
+    c.model_from = ""
     # Class-conditional recipes: labels -> (context, pooled) via LabelEmbedder.
     c.num_classes = 10
     c.context_tokens = 1
