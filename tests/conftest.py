@@ -7,6 +7,12 @@ launch tests start processes that compile them again; XLA's persistent cache
 such compile after the first a read. The cache lives in a fresh temporary folder
 per session, so no run reads another's entries; subprocesses inherit it through
 the environment. A `JAX_COMPILATION_CACHE_DIR` set by the caller is kept.
+
+Two tiers: `python -m pytest -m "not slow"` is the quick tier (the numerics, the
+models, data, sharding, checkpoints and the error messages); the `slow` marker (see
+pyproject.toml) takes every test that trains, spawns processes or runs a demo, and
+CI runs both. A test that requests `teacher_dir`, which trains a run, is marked
+slow here (`pytest_collection_modifyitems`), wherever it is written.
 """
 
 import atexit
@@ -30,6 +36,17 @@ jax.config.update("jax_threefry_partitionable", True)
 
 
 import pytest  # noqa: E402
+
+# Session fixtures that train a run: any test that needs one, directly or through
+# another fixture, is in the slow tier.
+TRAINING_FIXTURES = frozenset({"teacher_dir"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -173,9 +173,9 @@ def test_default_head_layers():
     assert default_head_layers(4) == (1, 2, 3)
     assert default_head_layers(2) == (0, 1)
     assert default_head_layers(1) == (0,)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_layers must be a positive int, got 0"):
         default_head_layers(0)
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match=r"head_layers has indices \[5\] outside \[0, num_layers="):
         APTDiscriminator(get_variant("test"), NUM_CLASSES, head_layers=(0, 5))
 
 

@@ -174,9 +174,18 @@ def test_get_state_set_state_resumes_exactly():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(global_batch_size=10, process_count=4, process_index=0), "multiple of 4"),
-        (dict(global_batch_size=0, process_count=1, process_index=0), "positive"),
-        (dict(global_batch_size=8, process_count=2, process_index=2), "process_index"),
+        (
+            dict(global_batch_size=10, process_count=4, process_index=0),
+            "global_batch_size=10 is not divisible by the process count 4",
+        ),
+        (
+            dict(global_batch_size=0, process_count=1, process_index=0),
+            "global_batch_size must be positive; got 0",
+        ),
+        (
+            dict(global_batch_size=8, process_count=2, process_index=2),
+            r"process_index=2 must lie in \[0, process_count=2\)",
+        ),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -184,6 +193,7 @@ def test_invalid_arguments(kwargs, match):
         make_train_iterator(DigitsSource(), seed=0, **kwargs)
 
 
+@pytest.mark.slow  # grain's worker_count=1 starts a worker process
 def test_worker_prefetch_matches_in_process_and_resumes():
     from absl import flags
 

@@ -49,7 +49,7 @@ def test_interpolate_is_per_sample():
 
 def test_interpolate_rejects_bad_t_shape():
     x0, eps, _ = _data((4, 3))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"t must have shape \(B,\), got \(4, 1\)"):
         flow.interpolate(x0, eps, jnp.zeros((4, 1)))
 
 
@@ -205,17 +205,17 @@ def test_shift_moves_samples_towards_noise():
 
 def test_sample_timesteps_validation():
     key = jax.random.key(0)
-    with pytest.raises(ValueError, match="uniform"):
+    with pytest.raises(ValueError, match="density 'cosmap'; valid options: .*uniform"):
         flow.sample_timesteps(key, 4, density="cosmap")
     for bad in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="shift"):
+        with pytest.raises(ValueError, match="shift must be > 0"):
             flow.sample_timesteps(key, 4, shift=bad)
-    with pytest.raises(ValueError, match="mode_scale"):
+    with pytest.raises(ValueError, match=r"mode_scale must be in \[-1, 2/\(pi-2\)"):
         flow.sample_timesteps(key, 4, density="mode", mode_scale=3.0)
-    with pytest.raises(ValueError, match="logit_std"):
+    with pytest.raises(ValueError, match="logit_std must be > 0, got 0.0"):
         flow.sample_timesteps(key, 4, logit_std=0.0)
     # Raised at trace time under jit too (the checks are on static python values).
-    with pytest.raises(ValueError, match="logit_normal"):
+    with pytest.raises(ValueError, match="density 'nope'; valid options: .*logit_normal"):
         jax.jit(lambda k: flow.sample_timesteps(k, 4, density="nope"))(key)
 
 
@@ -305,9 +305,9 @@ def test_diffsynth_weight_is_not_batch_normalised():
 def test_loss_weight_none_and_validation():
     t = jnp.linspace(0, 1, 5)
     np.testing.assert_array_equal(flow.loss_weight(t, "none"), np.ones(5))
-    with pytest.raises(ValueError, match="diffsynth"):
+    with pytest.raises(ValueError, match="weighting 'min_snr'; valid options: .*diffsynth"):
         flow.loss_weight(t, "min_snr")
-    with pytest.raises(ValueError, match="shift"):
+    with pytest.raises(ValueError, match="shift must be > 0, got 0.0"):
         flow.loss_weight(t, "diffsynth", shift=0.0)
     w = jax.jit(lambda x: flow.loss_weight(x, "diffsynth", shift=3.0))(t)
     np.testing.assert_allclose(w, flow.loss_weight(t, "diffsynth", shift=3.0), rtol=1e-6)

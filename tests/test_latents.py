@@ -271,6 +271,7 @@ def test_init_from_must_match_the_model(tiny_data, checkpoint, tmp_path):
 
 
 # ------------------------------------------------ APT on latents, init_from
+@pytest.mark.slow  # heavy: compiles a whole APT step of the text model on 8 devices
 def test_apt_generator_and_discriminator_from_one_checkpoint(tiny_data, checkpoint, tmp_path):
     config = sd3_apt.get_config("test")
     config.data.data_dir, config.data.dataset = tiny_data[0], "tiny"

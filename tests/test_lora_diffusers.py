@@ -62,6 +62,7 @@ def base_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # heavy: builds a diffusers pipeline with PEFT per case
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
 def test_exported_adapters_load_into_diffusers_pipeline(base_folder, tmp_path, scan_layers):
     config, params = diffusers_sd3.load(base_folder, scan_layers=scan_layers)

@@ -475,31 +475,41 @@ def test_attention_kernels_agree_in_values_and_parameter_gradients(
 
 # --------------------------------------------------------------------------- 7. validation
 
+# name: (config overrides, the part of the message that names the problem)
 CONFIG_ERRORS = {
     "dual-beyond-num-layers": (
         dict(num_layers=2, dual_attention_layers=(0, 2)),
-        "dual_attention_layers",
+        r"dual_attention_layers has indices \[2\] outside \[0, num_layers=2\)",
     ),
-    "dual-negative": (dict(dual_attention_layers=(-1,)), "dual_attention_layers"),
-    "qk-norm": (dict(qk_norm="layer_norm"), "qk_norm"),
-    "attention-impl": (dict(attention_implementation="flash"), "attention_implementation"),
-    "caption-dim": (dict(caption_projection_dim=48), "caption_projection_dim"),
-    "remat-policy": (dict(remat_policy="everything"), "remat_policy"),
-    "dtype": (dict(dtype="float64"), "dtype"),
-    "patch-size-t": (dict(patch_size_t=0), "patch_size_t"),
-    "num-layers": (dict(num_layers=0), "num_layers"),
+    "dual-negative": (
+        dict(dual_attention_layers=(-1,)),
+        r"dual_attention_layers has indices \[-1\] outside",
+    ),
+    "qk-norm": (dict(qk_norm="layer_norm"), "qk_norm='layer_norm' is unknown"),
+    "attention-impl": (
+        dict(attention_implementation="flash"),
+        "attention_implementation='flash' is unknown",
+    ),
+    "caption-dim": (
+        dict(caption_projection_dim=48),
+        r"caption_projection_dim=48 must equal num_attention_heads \* attention_head_dim = 32",
+    ),
+    "remat-policy": (dict(remat_policy="everything"), "remat_policy='everything' is unknown"),
+    "dtype": (dict(dtype="float64"), "dtype='float64' is unknown"),
+    "patch-size-t": (dict(patch_size_t=0), "patch_size_t must be a positive int .*got 0"),
+    "num-layers": (dict(num_layers=0), "num_layers must be a positive int, got 0"),
 }
 
 
 @pytest.mark.parametrize("case", list(CONFIG_ERRORS), ids=list(CONFIG_ERRORS))
 def test_bad_config_raises(case):
-    overrides, field = CONFIG_ERRORS[case]
-    with pytest.raises(ValueError, match=field):
+    overrides, message = CONFIG_ERRORS[case]
+    with pytest.raises(ValueError, match=message):
         get_variant("test", **overrides)
 
 
 def test_unknown_variant_raises():
-    with pytest.raises(ValueError, match="variant"):
+    with pytest.raises(ValueError, match="Unknown MMDiT variant 'sd4-ultra'; choose one of"):
         get_variant("sd4-ultra")
 
 
@@ -507,11 +517,36 @@ def _shape(shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-# name: (config overrides, x shape, context width, pooled width, t shape, call kwargs, field)
+# name: (config overrides, x shape, context width, pooled width, t shape, call kwargs,
+#        the part of the message that names the problem)
 INPUT_ERRORS = {
-    "not-divisible-by-patch": (dict(), (1, 7, 8, 4), 24, 20, (1,), {}, "patch_size"),
-    "larger-than-table": (dict(), (1, 18, 8, 4), 24, 20, (1,), {}, "pos_embed_max_size"),
-    "video-to-image-config": (dict(), (1, 2, 8, 8, 4), 24, 20, (1,), {}, "patch_size_t"),
+    "not-divisible-by-patch": (
+        dict(),
+        (1, 7, 8, 4),
+        24,
+        20,
+        (1,),
+        {},
+        "Latent size 7x8 is not divisible by patch_size=2",
+    ),
+    "larger-than-table": (
+        dict(),
+        (1, 18, 8, 4),
+        24,
+        20,
+        (1,),
+        {},
+        r"larger than the position table \(pos_embed_max_size=8\)",
+    ),
+    "video-to-image-config": (
+        dict(),
+        (1, 2, 8, 8, 4),
+        24,
+        20,
+        (1,),
+        {},
+        "this MMDiTConfig is image-only: set patch_size_t",
+    ),
     "frames-not-divisible": (
         dict(patch_size_t=2),
         (1, 3, 8, 8, 4),
@@ -519,13 +554,53 @@ INPUT_ERRORS = {
         20,
         (1,),
         {},
-        "patch_size_t",
+        "Video has 3 frames, not divisible by patch_size_t=2",
     ),
-    "image-to-pt2-config": (dict(patch_size_t=2), (1, 8, 8, 4), 24, 20, (1,), {}, "patch_size_t"),
-    "channels": (dict(), (1, 8, 8, 3), 24, 20, (1,), {}, "in_channels"),
-    "context-width": (dict(), (1, 8, 8, 4), 23, 20, (1,), {}, "joint_attention_dim"),
-    "pooled-width": (dict(), (1, 8, 8, 4), 24, 21, (1,), {}, "pooled_projection_dim"),
-    "t-shape": (dict(), (1, 8, 8, 4), 24, 20, (1, 1), {}, "t must"),
+    "image-to-pt2-config": (
+        dict(patch_size_t=2),
+        (1, 8, 8, 4),
+        24,
+        20,
+        (1,),
+        {},
+        r"Got image latents \(1, 8, 8, 4\) for a video config with patch_size_t=2",
+    ),
+    "channels": (
+        dict(),
+        (1, 8, 8, 3),
+        24,
+        20,
+        (1,),
+        {},
+        "Latents have 3 channels .* but in_channels=4",
+    ),
+    "context-width": (
+        dict(),
+        (1, 8, 8, 4),
+        23,
+        20,
+        (1,),
+        {},
+        "context width 23 != joint_attention_dim=24",
+    ),
+    "pooled-width": (
+        dict(),
+        (1, 8, 8, 4),
+        24,
+        21,
+        (1,),
+        {},
+        r"pooled must be \(B=1, pooled_projection_dim=20\), got \(1, 21\)",
+    ),
+    "t-shape": (
+        dict(),
+        (1, 8, 8, 4),
+        24,
+        20,
+        (1, 1),
+        {},
+        r"t must have shape \(B,\)=\(1,\), got \(1, 1\)",
+    ),
     "per-call-attention": (
         dict(),
         (1, 8, 8, 4),
@@ -533,26 +608,26 @@ INPUT_ERRORS = {
         20,
         (1,),
         dict(attention_implementation="flash"),
-        "attention_implementation",
+        "attention_implementation='flash' is unknown",
     ),
 }
 
 
 @pytest.mark.parametrize("case", list(INPUT_ERRORS), ids=list(INPUT_ERRORS))
 def test_bad_input_raises_before_tracing(case):
-    overrides, x_shape, ctx_w, pooled_w, t_shape, kwargs, field = INPUT_ERRORS[case]
+    overrides, x_shape, ctx_w, pooled_w, t_shape, kwargs, message = INPUT_ERRORS[case]
     cfg = get_variant("test", **overrides)
     b = x_shape[0]
     args = (_shape(x_shape), _shape(t_shape), _shape((b, 3, ctx_w)), _shape((b, pooled_w)))
     # Abstract parameters and inputs: the check must fire in Python, before any
     # parameter is created or any computation is traced.
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=message):
         jax.eval_shape(lambda *a: MMDiT(cfg).init(jax.random.key(0), *a, **kwargs), *args)
     params = shapes_of(cfg)
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=message):
         jax.eval_shape(lambda p, *a: MMDiT(cfg).apply({"params": p}, *a, **kwargs), params, *args)
     if not kwargs:
-        with pytest.raises(ValueError, match=field):
+        with pytest.raises(ValueError, match=message):
             cfg.check_inputs(x_shape, t_shape, (b, 3, ctx_w), (b, pooled_w))
 
 

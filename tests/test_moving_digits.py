@@ -75,9 +75,9 @@ def test_one_frame_clips_are_images_and_every_position_occurs():
 def test_bad_arguments_name_the_fix():
     with pytest.raises(ValueError, match="canvas=6 is smaller"):
         MovingDigitsSource(canvas=6)
-    with pytest.raises(ValueError, match="num_frames=0"):
+    with pytest.raises(ValueError, match="num_frames=0 must be >= 1"):
         MovingDigitsSource(num_frames=0)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"clip 4 outside \[0, 4\)"):
         MovingDigitsSource(num_clips=4)[4]
 
 

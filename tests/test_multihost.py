@@ -273,8 +273,12 @@ def test_process_blocks_concatenate_to_the_global_batch_in_order():
         np.testing.assert_array_equal(got, want)
 
 
-# Workers are slow to spawn (they import the test module): one case with them.
-@pytest.mark.parametrize("worker_count, step", [(0, 0), (0, 1), (0, 5), (0, 8), (2, 5)])
+# Workers are slow to spawn (they import the test module): one case with them, in the
+# slow tier since it starts processes.
+@pytest.mark.parametrize(
+    "worker_count, step",
+    [(0, 0), (0, 1), (0, 5), (0, 8), pytest.param(2, 5, marks=pytest.mark.slow)],
+)
 def test_seek_to_step_equals_advancing(worker_count, step):
     from absl import flags
 
@@ -332,7 +336,10 @@ def test_seek_to_step_rejects_bad_input():
             {"coordinator_address": "h:1", "num_processes": 2, "process_id": 2},
             r"--process_id=2 must lie in \[0, --num_processes=2\)",
         ),
-        ({"coordinator_address": "h:1", "num_processes": 0, "process_id": 0}, ">= 1"),
+        (
+            {"coordinator_address": "h:1", "num_processes": 0, "process_id": 0},
+            "--num_processes=0 must be >= 1",
+        ),
     ],
 )
 def test_distributed_flags_are_validated(kwargs, match, monkeypatch):
@@ -421,8 +428,8 @@ def test_hybrid_mesh_uses_processes_within_one_slice(with_slice_index):
     [
         ({"fsdp": -1, "dcn": {"data": 3}}, r"spans 3 granules but the job has 2 slices"),
         ({"fsdp": -1, "dcn": {"pipeline": 2}}, r"config.mesh.dcn has unknown axes \['pipeline'\]"),
-        ({"fsdp": -1, "dcn": {"data": 0}}, "must be positive ints"),
-        ({"fsdp": -1, "dcn": {"data": -1}}, "must be positive ints"),
+        ({"fsdp": -1, "dcn": {"data": 0}}, "config.mesh.dcn sizes must be positive ints"),
+        ({"fsdp": -1, "dcn": {"data": -1}}, "config.mesh.dcn sizes must be positive ints"),
         ({"fsdp": 2, "dcn": {"data": 2}}, "uses 2 of each granule's 8 devices"),
         ({"fsdp": 16, "dcn": {"data": 2}}, "needs 16 devices but only 8"),
     ],

@@ -71,9 +71,9 @@ def test_shifted_linear_sigmas():
 
 def test_schedule_validation():
     for fn in (sampling.diffusers_sigmas, sampling.shifted_linear_sigmas):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="num_steps must be a positive int, got 0"):
             fn(0, 1.0)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="shift must be > 0, got 0.0"):
             fn(4, 0.0)
 
 

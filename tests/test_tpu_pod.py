@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test starts launch/tpu_pod.py as a process
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POD = [
     "--name=pod1",
