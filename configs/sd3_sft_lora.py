@@ -5,7 +5,7 @@ the frozen converted weights.
   python launch/train.py --config configs/sd3_sft_lora.py:sd3-medium --workdir RUN \
       --config.init_from=ckpt/sd3-medium \
       --config.data.data_dir=data --config.data.dataset=mydata
-  python launch/convert.py --lora --workdir RUN --out RUN/lora.safetensors
+  python launch/convert.py --to-diffusers --lora --workdir RUN --out RUN/lora
 
 Arguments as `configs/sd3_sft.py`; the recipe is that file's except
 `config.lora` and the learning rate (1e-4: adapters start at zero and take

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 from apt_jax.models import APTDiscriminator
-from apt_jax.models.config import ATTENTION_IMPLEMENTATIONS, get_variant
+from apt_jax.models.config import ATTENTION_IMPLEMENTATIONS, SECOND_ORDER_ATTENTION, get_variant
 from apt_jax.models.discriminator import APTHeads
 from apt_jax.models.layers import dot_product_attention
 from apt_jax.objectives import adversarial as adv
+from apt_jax.objectives.apt import APTLossSettings
 from apt_jax.tasks import build_task
 from apt_jax.train import sharding
 from configs import digits_apt
@@ -107,6 +108,13 @@ def test_every_entry_is_a_kernel_and_other_names_are_refused():
             assert shape == q.shape, implementation
     with pytest.raises(ValueError, match=r"attention_implementation='flash' is unknown; use one"):
         dot_product_attention(q, kv, kv, "flash")
+
+
+def test_exact_penalties_refuse_a_kernel_without_second_order_rules():
+    with pytest.raises(ValueError, match="exact_attention='cudnn' has no second-order rule"):
+        APTLossSettings(r1_mode="exact", exact_attention="cudnn")
+    for implementation in SECOND_ORDER_ATTENTION:
+        assert APTLossSettings(exact_attention=implementation).exact_attention == implementation
 
 
 def test_heads_refuse_an_unknown_implementation():

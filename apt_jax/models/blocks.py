@@ -26,7 +26,7 @@ class JointTransformerBlock(nn.Module):
       dual: SD3.5 dual attention (extra image self-attention `attn2`, 9 chunks).
       context_pre_only: the last SD3 block; its context norm is adaLN-continuous
         with chunk order (scale, shift) and it has no context output path.
-      attention_implementation: "xla" or "cudnn".
+      attention_implementation: "xla", "xla_autodiff" or "cudnn" (`layers.dot_product_attention`).
       collect_hidden: also return the image tokens after the block (used by the
         APT discriminator's heads; under `nn.scan` they come back stacked).
     """

@@ -20,6 +20,9 @@ import jax.numpy as jnp
 
 QK_NORMS = (None, "rms_norm")
 ATTENTION_IMPLEMENTATIONS = ("xla", "xla_autodiff", "cudnn")
+# The kernels whose backward pass JAX can differentiate again (exact R1 / R2, the
+# gradient penalty); cuDNN's fused attention has no second-order rule.
+SECOND_ORDER_ATTENTION = ("xla", "xla_autodiff")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from apt_jax.models.apt_discriminator import APTDiscriminator
+from apt_jax.models.config import SECOND_ORDER_ATTENTION
 from apt_jax.objectives import adversarial as adv
 
 LOSSES = ("nonsaturating", "relativistic", "wgan_gp")
@@ -54,8 +55,8 @@ class APTLossSettings:
       gp_weight: WGAN-GP weight (loss="wgan_gp" only).
       d_timestep_shift: s of D's noising density `shift(U(0, 1), s)`.
       exact_attention: attention kernel of D's passes that are differentiated
-        twice (exact R1 / R2, gradient penalty): "xla", the one with a
-        second-order rule.
+        twice (exact R1 / R2, gradient penalty): one of
+        `SECOND_ORDER_ATTENTION` ("xla", the default, or "xla_autodiff").
     """
 
     loss: str = "nonsaturating"
@@ -69,6 +70,11 @@ class APTLossSettings:
     exact_attention: str = "xla"
 
     def __post_init__(self):
+        if self.exact_attention not in SECOND_ORDER_ATTENTION:
+            raise ValueError(
+                f"exact_attention={self.exact_attention!r} has no second-order rule; exact R1 / "
+                f"R2 and the gradient penalty need one of {SECOND_ORDER_ATTENTION}."
+            )
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is unknown; use one of {LOSSES}.")
         for name in ("r1_mode", "r2_mode"):
