@@ -23,6 +23,10 @@ image checkpoints too (its kernel gains / loses a leading axis of 1).
 
 Pickle (`.bin`, `.pt`, `.ckpt`) is never read: unpickling runs code.
 
+Why one file of ~800 lines: `load` and `save` are the two directions of one
+name-and-layout mapping (the table above); kept side by side, every rule has
+its inverse a few lines away, and the parity tests hold them to each other.
+
 Memory: `load` streams one tensor at a time from the memory-mapped files,
 converts and casts it on the host and puts it on its devices before the next
 one (with `scan_layers=True` one stacked leaf, i.e. one tensor of every layer of
