@@ -55,7 +55,8 @@ def _events(data: bytes):
 def test_paths():
     assert is_local("runs/a") and is_local(os.path.abspath("a")) and not is_local(RUN)
     assert os.fspath(as_path(RUN) / "eval") == RUN + "/eval"
-    assert os.fspath(as_path("runs/a") / "eval") == os.path.join("runs/a", "eval")
+    # Local paths are made absolute (orbax needs absolute paths).
+    assert os.fspath(as_path("runs/a") / "eval") == os.path.join(os.path.abspath("runs/a"), "eval")
 
 
 def test_metric_writer_uploads_and_resumed_run_appends(bucket, tmp_path):

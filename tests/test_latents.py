@@ -162,7 +162,7 @@ def test_metadata_errors(tmp_path):
     with pytest.raises(ValueError, match="'latent', 'context' and 'pooled'"):
         latents.read_metadata(str(tmp_path), str(tmp_path / "a.csv"))
     write_csv(tmp_path / "b.csv", [{"file": "x.safetensors", "caption": "c", "split": "dev"}])
-    with pytest.raises(ValueError, match="split='dev'"):
+    with pytest.raises(ValueError, match="row 1: split='dev'; use one of"):
         latents.read_metadata(str(tmp_path), str(tmp_path / "b.csv"))
     write_csv(tmp_path / "c.csv", [{"file": "x.safetensors", "caption": "c"}])
     with pytest.raises(ValueError, match=r"eval_rows=1 must be in \[0, 1\)"):
