@@ -1,7 +1,10 @@
 """Checkpoints of a training run: train state, data-iterator state and config.
 
-A thin wrapper around :class:`orbax.checkpoint.CheckpointManager` (orbax
-0.12.x) used by every training recipe. One checkpoint step holds up to three
+A wrapper around :class:`orbax.checkpoint.CheckpointManager` (orbax
+0.12.x) used by every training recipe. It is one file of ~900 lines because
+all of it is one contract with orbax's on-disk layout (what is saved, what a
+damaged step looks like, how the three items restore together): split, each
+part would have to know the others' assumptions. One checkpoint step holds up to three
 items, each in its own sub-directory of ``<workdir>/checkpoints/<step>/``:
 
 ``state``
