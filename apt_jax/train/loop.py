@@ -53,27 +53,15 @@ def train(task: Task, workdir: str) -> dict:
     init_rng, step_rng = jax.random.split(rng)
 
     # ---------------------------------------------------------- restore / init
-    start = ckpt.latest_step()
-    if start is None:
+    if ckpt.latest_step() is None:
         state, start = task.init_state(init_rng), 0
     else:
-        saved_count = ckpt.data_process_count(start)
-        same_count = saved_count == jax.process_count()
+        # The newest step that reads (damaged newer ones are moved aside). Grain's
+        # iterator states are per process: on another process count the
+        # pipeline's position is recomputed from the step instead.
         state, start = ckpt.restore(
-            start, abstract_state=task.abstract_state, data_iterator=it if same_count else None
+            abstract_state=task.abstract_state, data_iterator=it, reposition=seek_to_step
         )
-        if not same_count:
-            # Grain's iterator states are per process; on another process count
-            # the pipeline's position is recomputed from the step instead.
-            log.warning(
-                "Checkpoint step %d holds data-iterator state of %s process(es), this run has "
-                "%d: restarting the data stream at step %d of the global order.",
-                start,
-                saved_count,
-                jax.process_count(),
-                start,
-            )
-            seek_to_step(it, start)
         log.info("Resumed from step %d in %s", start, workdir)
 
     writer = MetricWriter(workdir)
