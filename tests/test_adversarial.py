@@ -298,6 +298,7 @@ def test_r1_approx_over_sigma_squared_approaches_r1_exact(tiny):
     np.testing.assert_allclose(approx_mean.sum(), exact.sum(), rtol=0.08)
 
 
+@pytest.mark.slow  # heavy: compiles a float64 double backward through D and its heads
 def test_exact_r1_d_loss_param_gradient_matches_finite_differences():
     """Double backward through the MMDiT + heads with XLA attention, in float64.
 
