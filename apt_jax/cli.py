@@ -18,8 +18,9 @@
   (status 1). Ctrl-C exits 130 with one line (running a training command
   again resumes from its last checkpoint).
 
-`load_config` reads a recipe file as `--config path:variant` would, for the
-launch scripts that assemble several recipes (the demos).
+`load_config` reads a recipe file as `--config path:variant` would, and
+`recipes` a folder of them, for the launch scripts that assemble several
+recipes (the demos).
 """
 
 from __future__ import annotations
@@ -428,3 +429,13 @@ def load_config(path: str, *variants: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(",".join(v for v in variants if v))
+
+
+def recipes(folder: str, *variants: str) -> Callable[..., ml_collections.ConfigDict]:
+    """`recipe(name, *more)`: `load_config(<folder>/<name>.py, *more, *variants)`,
+    e.g. `recipes("configs", "tiny")("digits_distill", "deterministic")`."""
+
+    def recipe(name: str, *more: str) -> ml_collections.ConfigDict:
+        return load_config(os.path.join(folder, f"{name}.py"), *more, *variants)
+
+    return recipe

@@ -11,9 +11,13 @@ Prints a Markdown table and writes `results.json` and `results.md`.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The installed apt_jax if there is one (`pip install .` or `-e .`), else this
+# checkout's; the recipes import each other as the checkout's `configs` package.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+
+from apt_jax import cli  # noqa: E402
 
 _SAMPLES = flags.DEFINE_multi_string(
     "samples", None, ".npz files written by launch/sample.py (local or gs://)."
@@ -66,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, workdir=_OUT_DIR)

@@ -10,9 +10,13 @@ them with `--config.targets=precomputed --config.targets_path=runs/targets.npz`.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The installed apt_jax if there is one (`pip install .` or `-e .`), else this
+# checkout's; the recipes import each other as the checkout's `configs` package.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from apt_jax import cli  # noqa: E402
 
 _TEACHER = flags.DEFINE_string("teacher_workdir", None, "The teacher run's workdir.")
 _OUT = flags.DEFINE_string("out", None, "Output .npz.")
@@ -46,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, workdir=lambda: os.path.dirname(os.path.abspath(_OUT.value)))

@@ -17,9 +17,13 @@ are listed by name and nothing is written. Then train on it with
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The installed apt_jax if there is one (`pip install .` or `-e .`), else this
+# checkout's; the recipes import each other as the checkout's `configs` package.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+
+from apt_jax import cli  # noqa: E402
 
 _SRC = flags.DEFINE_string("src", None, "Folder the CSV's paths are relative to.")
 _METADATA = flags.DEFINE_string("metadata", None, "Metadata CSV (default: SRC/metadata.csv).")
@@ -51,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -10,9 +10,13 @@ class-conditional runs use labels `i mod num_classes`.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The installed apt_jax if there is one (`pip install .` or `-e .`), else this
+# checkout's; the recipes import each other as the checkout's `configs` package.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from apt_jax import cli  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _NUM = flags.DEFINE_integer("num", 1000, "Number of samples.")
@@ -59,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, workdir=_WORKDIR)

@@ -29,9 +29,15 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import time
 
-from absl import app, flags
+# The installed apt_jax if there is one (`pip install .` or `-e .`), else this checkout's.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from apt_jax import cli  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("create", "setup", "train", "delete")
@@ -240,4 +246,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,10 +13,14 @@ every host save at the same step and exit 0.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The installed apt_jax if there is one (`pip install .` or `-e .`), else this
+# checkout's; the recipes import each other as the checkout's `configs` package.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from apt_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -52,11 +56,10 @@ def main(argv):
     from apt_jax.tasks import build_task
     from apt_jax.train.loop import train
 
-    logging.set_verbosity(logging.INFO)
     results = train(build_task(_CONFIG.value), _WORKDIR.value)
     if jax.process_index() == 0:
         print({k: round(float(v), 4) for k, v in results.items()})
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, workdir=_WORKDIR, create_workdir=True)

@@ -1,25 +1,35 @@
 """One-step video on moving digits: the whole image-then-video method on a laptop CPU.
 
-  python launch/video_demo.py --workdir runs/video_demo
+  python launch/video_demo.py --workdir runs/video_demo [--tiny]
 
-Trains the video teacher (image stage, then clips), distils its 25-step
-solutions into a 1-step student, runs APT's image stage then its video stage,
-and evaluates the 25-step teacher against the 1-step generators (per-frame
-Frechet distance and digit accuracy, motion error). Prints the results table,
-also written to `<workdir>/results.{json,md}`, with a PNG strip and a GIF per
-row and `comparison.gif`. Re-running resumes finished or interrupted stages.
+Trains the video teacher (image stage on one-frame clips, then clips;
+configs/moving_digits_sft.py), distils its 25-step solutions into a 1-step
+student (configs/moving_digits_distill.py), runs APT's image stage then its
+video stage (configs/moving_digits_apt.py), and evaluates the 25-step teacher
+against the 1-step generators (per-frame Frechet distance and digit accuracy,
+motion error). Prints a line per stage and the results table, also written to
+`<workdir>/results.{json,md}`, with a PNG strip and a GIF per row,
+`comparison.gif` and `comparison.png`. Re-running resumes interrupted stages
+and keeps finished ones. Logs: `<workdir>/logs/video_demo.log`.
 """
 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The installed apt_jax if there is one (`pip install .` or `-e .`), else this
+# checkout's; the recipes import each other as the checkout's `configs` package.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(REPO)
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from apt_jax import cli  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/video_demo", "Where every stage writes its run.")
 _NUM = flags.DEFINE_integer("num_samples", 1000, "Clips per evaluated row.")
-_TINY = flags.DEFINE_bool("tiny", False, "Seconds-long smoke run with tiny configs.")
+_TINY = flags.DEFINE_bool(
+    "tiny", False, "A smoke run of a minute or two: the recipes' tiny variants."
+)
 
 
 def main(argv):
@@ -27,10 +37,22 @@ def main(argv):
     import jax
 
     jax.config.update("jax_threefry_partitionable", True)
-    from apt_jax.video_demo import run_video_demo
+    from apt_jax import stages
 
-    print(run_video_demo(_WORKDIR.value, num_samples=_NUM.value, tiny=_TINY.value))
+    tiny = _TINY.value
+    recipe = cli.recipes(os.path.join(REPO, "configs"), "tiny" if tiny else "")
+
+    pipeline = stages.moving_digits_demo(
+        sft_image=recipe("moving_digits_sft", "image"),
+        sft_video=recipe("moving_digits_sft", "video"),
+        deterministic=recipe("moving_digits_distill", "deterministic"),
+        apt_image=recipe("moving_digits_apt", "image"),
+        apt_video=recipe("moving_digits_apt", "video"),
+        num_targets=32 if tiny else 1024,
+        num_samples=_NUM.value,
+    )
+    print(stages.run(pipeline, _WORKDIR.value))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, workdir=_WORKDIR, create_workdir=True)

@@ -1,4 +1,4 @@
-"""launch/sample.py and launch/evaluate.py contracts, and the demo pipeline."""
+"""launch/sample.py and launch/evaluate.py contracts, and the demo as a person runs it."""
 
 import json
 import os
@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apt_jax.demo import run_demo
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+# One CPU device; JAX_PLATFORMS=cpu keeps an installed libtpu from probing for a TPU.
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +20,11 @@ def run_dir(teacher_dir):
     return teacher_dir
 
 
-def launch(script, *args):
+def launch(script, *args, cwd=None, console=False):
     cmd = [sys.executable, os.path.join(REPO, "launch", script), *map(str, args)]
-    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900, cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return (out.stdout, out.stderr) if console else out.stdout
 
 
 @pytest.mark.slow
@@ -66,14 +65,44 @@ def test_sample_and_evaluate_contract(run_dir, tmp_path):
     assert (tmp_path / "results.md").exists()
 
 
-def test_demo_pipeline(tmp_path):
-    table = run_demo(str(tmp_path), num_samples=20, tiny=True)
-    rows = json.loads((tmp_path / "results.json").read_text())
+@pytest.mark.slow
+def test_demo(tmp_path):
+    """launch/demo.py --tiny from another folder: the stages, the table, the pictures,
+    and a console of a line per stage (orbax's INFO lines in the log file)."""
+    workdir = tmp_path / "demo"
+    stdout, stderr = launch(
+        "demo.py", "--tiny", "--workdir", workdir, "--num_samples", 20, cwd=tmp_path, console=True
+    )
+    rows = json.loads((workdir / "results.json").read_text())
     names = ["teacher_25_steps", "teacher_1_step", "deterministic_1_step", "apt_approx_r1_1_step"]
     assert [r["name"] for r in rows] == names
-    assert all(name in table for name in names)
+    assert all(name in stdout for name in names)
     assert all(np.isfinite(r["frechet_distance"]) for r in rows)
-    assert (tmp_path / "teacher_1_step.png").exists()
+    assert all(r["num_samples"] == 20 for r in rows)
+    assert (workdir / "teacher_1_step.png").exists() and (workdir / "results.md").exists()
     # Four rows of ten 8x8 digits, upscaled 4x with 1-pixel padding.
-    comparison = np.asarray(Image.open(tmp_path / "comparison.png"))
+    comparison = np.asarray(Image.open(workdir / "comparison.png"))
     assert comparison.shape[:2] == (4 * 33 + 1, 10 * 33 + 1)
+    # The console: a line per stage, then the table (tiny configs show no bars).
+    stage_lines = [line for line in stderr.splitlines() if line.strip()]
+    assert [line.split(" ", 2)[:2] for line in stage_lines] == [
+        ["[1/5]", "sft:"],
+        ["[2/5]", "targets:"],
+        ["[3/5]", "deterministic:"],
+        ["[4/5]", "apt:"],
+        ["[5/5]", "evaluate:"],
+    ], stderr[-3000:]
+    assert len(stdout.strip().splitlines()) == 2 + len(names)
+    assert "checkpoint_manager.py" in (workdir / "logs" / "demo.log").read_text()
+
+    # Again: every stage kept, the table redone with the first run's stage seconds.
+    seconds = json.loads((workdir / "stage_seconds.json").read_text())
+    _, stderr = launch(
+        "demo.py", "--tiny", "--workdir", workdir, "--num_samples", 20, cwd=tmp_path, console=True
+    )
+    assert stderr.count("finished earlier") == 3 and "targets.npz exists, kept" in stderr
+    assert json.loads((workdir / "stage_seconds.json").read_text()) == seconds
+    rerun = json.loads((workdir / "results.json").read_text())
+    assert [r["stage_seconds"] for r in rerun if "stage_seconds" in r] == [
+        r["stage_seconds"] for r in rows if "stage_seconds" in r
+    ]

@@ -2,10 +2,12 @@
 each stage starting from the right weights, and one sharded step of SFT,
 deterministic distillation and APT on 8 devices equal to the single-device step.
 
-One tiny run of `apt_jax.video_demo` (every stage, on one device: the
-sharded-step tests below cover the 8-device mesh) serves all tests.
+One tiny run of the video demo's stages (`apt_jax.stages.moving_digits_demo`,
+every stage on one device: the sharded-step tests below cover the 8-device
+mesh) serves all tests.
 """
 
+import importlib
 import os
 
 import jax
@@ -13,18 +15,35 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apt_jax.demo import load_config
+from apt_jax import stages
 from apt_jax.tasks import build_task
 from apt_jax.tasks.runs import load_run
 from apt_jax.train import sharding
-from apt_jax.video_demo import run_video_demo
+
+
+def load_config(name, variant):
+    return importlib.import_module(f"configs.{name}").get_config(variant)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("video_demo"))
-    table = run_video_demo(workdir, num_samples=20, tiny=True, mesh={"data": 1})
-    return workdir, table
+
+    def one_device(name, variant):
+        config = load_config(name, f"{variant},tiny")
+        config.mesh.update({"data": 1})
+        return config
+
+    pipeline = stages.moving_digits_demo(
+        sft_image=one_device("moving_digits_sft", "image"),
+        sft_video=one_device("moving_digits_sft", "video"),
+        deterministic=one_device("moving_digits_distill", "deterministic"),
+        apt_image=one_device("moving_digits_apt", "image"),
+        apt_video=one_device("moving_digits_apt", "video"),
+        num_targets=32,
+        num_samples=20,
+    )
+    return workdir, stages.run(pipeline, workdir)
 
 
 def run(demo, stage):
@@ -37,6 +56,7 @@ def tiny(name, variant, **settings):
     return config
 
 
+@pytest.mark.slow  # `demo` runs the tiny video demo, every stage
 def test_video_demo_pipeline(demo):
     workdir, table = demo
     for row in ("teacher_25_steps", "deterministic_1_step", "apt_image_stage_1_step"):
@@ -51,10 +71,16 @@ def test_video_demo_pipeline(demo):
             assert np.isfinite(row[key]), (row["name"], key)
     with Image.open(os.path.join(workdir, "comparison.gif")) as gif:
         assert gif.n_frames == 4  # the clips' frames
+    # comparison.png: each row's first three clips, a clip a line, 4 frames of 12x12, x4.
+    with Image.open(os.path.join(workdir, "comparison.png")) as png:
+        assert png.size == (4 * 49 + 1, 12 * 49 + 1)
+    for row in rows:
+        assert os.path.exists(os.path.join(workdir, f"{row['name']}.gif"))
+        assert row["num_samples"] == 20
     # Each stage trained on its own data: one-frame clips, then 4-frame clips.
     frames = {s: load_run(run(demo, s))[0].config.data.num_frames for s in ("sft_image", "apt")}
     assert frames == {"sft_image": 1, "apt": 4}
-    # run_video_demo's mesh override reached every stage.
+    # The one-device mesh of the configs reached every stage.
     for stage in ("sft_image", "sft_video", "deterministic", "apt_image", "apt"):
         assert load_run(run(demo, stage))[0].mesh.size == 1, stage
 
@@ -69,6 +95,7 @@ def _assert_tree_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_video_stages_start_from_the_image_stages(demo):
     # SFT: the video stage's first state is the image stage's served (EMA) weights.
     config = tiny("moving_digits_sft", "video", init_workdir=run(demo, "sft_image"))
@@ -105,6 +132,7 @@ def _video_configs(demo):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["sft_patch_t2", "deterministic", "apt"])
 def test_video_step_sharded_equals_single_device(demo, recipe):
     config = _video_configs(demo)[recipe]
@@ -141,8 +169,11 @@ def test_video_step_sharded_equals_single_device(demo, recipe):
     "overrides, message",
     [
         ({"model.patch_size_t": None}, "image-only: set --config.model.patch_size_t=1"),
-        ({"model.patch_size_t": 2, "data.num_frames": 1}, "image stage"),
-        ({"data.canvas": 13}, "not divisible by patch_size=2"),
+        (
+            {"model.patch_size_t": 2, "data.num_frames": 1},
+            "num_frames=1 is not a multiple of config.model.patch_size_t=2",
+        ),
+        ({"data.canvas": 13}, "Latent size 13x13 is not divisible by patch_size=2"),
     ],
 )
 def test_bad_video_configs_fail_before_compiling(overrides, message):
@@ -152,6 +183,7 @@ def test_bad_video_configs_fail_before_compiling(overrides, message):
         build_task(config)
 
 
+@pytest.mark.slow
 def test_sample_and_evaluate_clips(demo, tmp_path):
     """launch/sample.py writes the clips of a video run and launch/evaluate.py
     scores them with the video metrics (what the demo's table holds)."""
