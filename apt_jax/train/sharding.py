@@ -13,6 +13,10 @@ the mesh axis has size `ici * dcn`. Put across slices what communicates least:
 usually `data`. Granules are TPU slices (`device.slice_index`) or, where devices
 are all in one slice (GPU clusters, CPU), processes. A `dcn` of all 1 is the
 plain mesh.
+
+A known XLA miscompile (docs/miscompile.md) makes some (mesh, batch, model)
+combinations compute wrong values on CPU; `check_batch_size` refuses them when
+it is given the model's width and tokens (`known_miscompile`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from apt_jax.models import axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -192,8 +198,33 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    """The global batch must split evenly over the batch axes (and processes)."""
+def check_batch_size(
+    batch_size: int,
+    mesh: Mesh,
+    *,
+    width: int | None = None,
+    tokens_per_example: Mapping[str, int] | None = None,
+    rules: Rules | None = None,
+    microbatches: int = 1,
+) -> None:
+    """The global batch must split evenly over the batch axes (and processes), and
+    must not be one XLA is known to miscompile on this mesh and platform.
+
+    Args:
+      batch_size: the global batch of one update.
+      mesh: the `(data, fsdp, tensor)` mesh the step runs on.
+      width: the MMDiT's width (`MMDiTConfig.inner_dim`); with `tokens_per_example`,
+        turns on the miscompile check (`known_miscompile`).
+      tokens_per_example: tokens of each of the model's streams in one example, by
+        name (`mmdit_token_streams`).
+      rules: the logical-axis rules the step shards its parameters by
+        (`config.logical_axis_rules`; default `axes.DEFAULT_RULES`).
+      microbatches: `config.optimizer.accumulation_steps`: each forward sees
+        `batch_size // microbatches` examples.
+
+    Raises:
+      ValueError: a batch that does not split, or one `known_miscompile` refuses.
+    """
     div = batch_divisor(mesh)
     if batch_size <= 0 or batch_size % div:
         raise ValueError(
@@ -205,6 +236,162 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
             f"config.batch_size={batch_size} is not divisible by the {jax.process_count()} "
             "processes."
         )
+    if width is not None and tokens_per_example:
+        check_known_miscompile(
+            batch_size,
+            mesh,
+            width=width,
+            tokens_per_example=tokens_per_example,
+            rules=rules,
+            microbatches=microbatches,
+        )
+
+
+# ------------------------------------------------------- a known XLA miscompile
+# docs/miscompile.md. XLA's SPMD partitioner (jaxlib 0.10.2) miscompiles
+# `h @ w` with `h` split (data, fsdp) x tensor, `w` split (tensor, fsdp) and the
+# result wanted (data, fsdp) x tensor, when data > 1 and fsdp == tensor > 1: it
+# collective-permutes the rows of `h` as if data and fsdp were swapped and never
+# permutes them back, so rows land on the wrong devices (O(1) errors, no warning).
+# The MMDiT's attention output and MLP down projections are such dots under the
+# default rules (heads / mlp -> tensor, embed -> fsdp). Whether the partitioner
+# takes that path is a cost decision: in the MMDiT's forward and gradient it did
+# exactly when a stream's rows in one call, T = batch x tokens, satisfy
+# width <= T <= data x width. The TPU compiler's programs for the same steps are
+# right (it takes a windowed-einsum path; with that disabled it emits the same
+# wrong program, so the defect is the shared partitioner's); GPU runs the shared
+# partitioner without windowed einsum, like CPU, and is refused too (unchecked).
+MISCOMPILE_PLATFORMS = frozenset({"cpu", "gpu", "cuda", "rocm"})
+MISCOMPILE_DOC = "docs/miscompile.md"
+
+
+def mmdit_token_streams(
+    model: Any, sample_shape: Sequence[int], context_tokens: int
+) -> dict[str, int]:
+    """Tokens per example of the MMDiT's two streams.
+
+    Args:
+      model: an `MMDiTConfig` (its `patch_size` and `patch_size_t` are read).
+      sample_shape: one latent, `(H, W, C)` or `(F, H, W, C)`.
+      context_tokens: the context stream's length (text tokens, or the class
+        embedder's `context_tokens`).
+
+    Returns:
+      `{"image": patches per example, "context": context_tokens}`.
+    """
+    p = int(model.patch_size)
+    *frames, h, w, _ = (int(s) for s in sample_shape)
+    image = (h // p) * (w // p)
+    if frames:
+        image *= frames[0] // int(model.patch_size_t or 1)
+    return {"image": image, "context": int(context_tokens)}
+
+
+def _rule_axes(rules: Rules, name: str) -> tuple[str, ...]:
+    """The mesh axes the first rule for logical `name` maps it to (flax's order)."""
+    for logical, mesh_axes in rules:
+        if logical == name:
+            if mesh_axes is None:
+                return ()
+            return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    return ()
+
+
+def known_miscompile(
+    batch_size: int,
+    mesh: Mesh,
+    *,
+    width: int,
+    tokens_per_example: Mapping[str, int],
+    rules: Rules | None = None,
+    platform: str | None = None,
+    microbatches: int = 1,
+) -> str | None:
+    """Why this step would hit the known XLA miscompile, or None where it is not known to.
+
+    Args:
+      batch_size: the global batch of one update (or of one sampler call).
+      mesh: the `(data, fsdp, tensor)` mesh.
+      width: the MMDiT's width `D` (the output width of the projections at risk).
+      tokens_per_example: tokens of each stream in one example, by name.
+      rules: logical-axis rules (default `axes.DEFAULT_RULES`).
+      platform: the compiler's platform (default: that of the mesh's devices).
+      microbatches: gradient-accumulation steps; each forward sees
+        `batch_size // microbatches` examples.
+
+    Returns:
+      A sentence naming the stream and its window, or None.
+    """
+    platform = platform or mesh.devices.flat[0].platform
+    if platform not in MISCOMPILE_PLATFORMS:
+        return None
+    data, fsdp, tensor = (int(mesh.shape.get(a, 1)) for a in MESH_AXES)
+    if data == 1 or fsdp != tensor or tensor == 1:
+        return None
+    rules = axes.DEFAULT_RULES if rules is None else rules
+    rows_on_tensor = any("tensor" in _rule_axes(rules, n) for n in (axes.HEADS, axes.MLP))
+    if not (rows_on_tensor and "fsdp" in _rule_axes(rules, axes.EMBED)):
+        return None  # no kernel is split (tensor, fsdp)
+    low, high = width, data * width
+    per_call = batch_size // max(int(microbatches), 1)
+    for stream, tokens in tokens_per_example.items():
+        rows = per_call * int(tokens)
+        if low <= rows <= high:
+            return (
+                f"the {stream} stream's {rows} rows per forward ({per_call} examples x "
+                f"{tokens} tokens) lie in [width, data x width] = [{low}, {high}]"
+            )
+    return None
+
+
+def _safe_batches(batch_size: int, mesh: Mesh, microbatches: int, **facts: Any) -> list[int]:
+    """The nearest batch sizes below and above `batch_size` that split over the mesh
+    (per micro-batch) and that `known_miscompile` passes."""
+    step = batch_divisor(mesh) * max(int(microbatches), 1)
+
+    def safe(b: int) -> bool:
+        return known_miscompile(b, mesh, microbatches=microbatches, **facts) is None
+
+    below = [b for b in range(batch_size - step, 0, -step) if safe(b)][:1]
+    # Above data x width rows per forward every stream is past its window.
+    top = max(batch_size, facts["width"] * mesh.shape["data"] * max(int(microbatches), 1))
+    above = [b for b in range(batch_size + step, top + 2 * step, step) if safe(b)][:1]
+    return below + above
+
+
+def check_known_miscompile(
+    batch_size: int,
+    mesh: Mesh,
+    *,
+    width: int,
+    tokens_per_example: Mapping[str, int],
+    rules: Rules | None = None,
+    platform: str | None = None,
+    microbatches: int = 1,
+) -> None:
+    """Refuses the (mesh, batch, model) combinations XLA is known to miscompile.
+
+    Arguments as `known_miscompile`.
+
+    Raises:
+      ValueError: naming the mesh, the batch, the stream at risk and the fixes.
+    """
+    facts = dict(width=width, tokens_per_example=tokens_per_example, rules=rules)
+    platform = platform or mesh.devices.flat[0].platform
+    why = known_miscompile(batch_size, mesh, platform=platform, microbatches=microbatches, **facts)
+    if why is None:
+        return
+    data, fsdp, tensor = (int(mesh.shape[a]) for a in MESH_AXES)
+    batches = _safe_batches(batch_size, mesh, microbatches, platform=platform, **facts)
+    batch_fix = f"use batch_size {' or '.join(map(str, batches))}, or " if batches else ""
+    raise ValueError(
+        f"batch_size={batch_size} on mesh {dict(mesh.shape)} ({platform}) hits a known XLA "
+        f"miscompile ({MISCOMPILE_DOC}): with data > 1 and fsdp == tensor = {tensor}, "
+        f"{why}, where XLA's SPMD partitioner computes wrong values. Fix: {batch_fix}"
+        f"make fsdp differ from tensor (--config.mesh.data=1 --config.mesh.fsdp="
+        f"{data * fsdp} --config.mesh.tensor={tensor}), or set --config.mesh.tensor=1 "
+        f"(--config.mesh.fsdp={fsdp * tensor}); TPU meshes are not affected."
+    )
 
 
 @functools.lru_cache(maxsize=16)
