@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from apt_jax.errors import UserError
 from apt_jax.models.partitioning import box, logical_names, unbox
 
 Path = tuple[str, ...]
@@ -69,19 +70,19 @@ class LoRASettings:
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"lora rank={self.rank!r} must be a positive int.")
+            raise UserError(f"lora rank={self.rank!r} must be a positive int.")
         if not self.alpha > 0:
-            raise ValueError(f"lora alpha={self.alpha!r} must be > 0 (PEFT's lora_alpha).")
+            raise UserError(f"lora alpha={self.alpha!r} must be > 0 (PEFT's lora_alpha).")
         object.__setattr__(self, "target_modules", _patterns(self.target_modules))
         object.__setattr__(self, "modules_to_save", _patterns(self.modules_to_save))
         if not self.target_modules:
-            raise ValueError("lora target_modules is empty: name the dense layers to adapt.")
+            raise UserError("lora target_modules is empty: name the dense layers to adapt.")
         for p in self.target_modules + self.modules_to_save:
             if p.startswith("re:"):
                 try:
                     re.compile(p[3:])
                 except re.error as e:
-                    raise ValueError(f"lora pattern {p!r} is not a valid regex: {e}.") from e
+                    raise UserError(f"lora pattern {p!r} is not a valid regex: {e}.") from e
 
     @property
     def scale(self) -> float:
@@ -213,7 +214,7 @@ class LoRA:
             hits = [p for p, _ in _walk(params) if p and matches(pattern, "/".join(p))]
             if not hits:
                 top = ", ".join(sorted(params))
-                raise ValueError(
+                raise UserError(
                     f"lora modules_to_save pattern {pattern!r} matches no module; top-level "
                     f"names: {top}; dense modules: {_describe(sorted(modules))}."
                 )
@@ -229,7 +230,7 @@ class LoRA:
         for pattern in settings.target_modules:
             hits = [n for n in modules if matches(pattern, n)]
             if not hits:
-                raise ValueError(
+                raise UserError(
                     f"lora target_modules pattern {pattern!r} matches no dense module. "
                     f"Modules that exist ({len(modules)}): {_describe(sorted(modules))}. "
                     "Patterns are globs on these paths (or on their tails, e.g. 'to_q', "
@@ -313,10 +314,10 @@ class LoRA:
             try:
                 m = _get(adapters, path)
             except (KeyError, TypeError):
-                raise ValueError(f"adapters lack module {name}.") from None
+                raise UserError(f"adapters lack module {name}.") from None
             *lead, fan_in, fan_out = shape
             want = {LORA_A: (*lead, fan_in, r), LORA_B: (*lead, r, fan_out)}
             for k, s in want.items():
                 if k not in m or _shape(m[k]) != s:
                     got = _shape(m[k]) if k in m else None
-                    raise ValueError(f"adapters {name}/{k}: shape {got}, expected {s}.")
+                    raise UserError(f"adapters {name}/{k}: shape {got}, expected {s}.")

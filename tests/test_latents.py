@@ -195,11 +195,11 @@ def test_dataset_must_fit_the_model(tiny_data):
         build_task(sft_config(tiny_data[0], **{"data.dataset": "nope"}))
     distill = digits_distill.get_config("deterministic")
     distill.data = sft_config(tiny_data[0]).data
-    with pytest.raises(ValueError, match="trains on class labels"):
+    with pytest.raises(ValueError, match="A distillation run needs a teacher"):
         build_task(distill)
     distill = digits_distill.get_config("deterministic")
     distill.init_from = "ckpt"
-    with pytest.raises(ValueError, match="config.init_from is read by the sft and apt tasks"):
+    with pytest.raises(ValueError, match="can be the teacher of text-conditioned runs only"):
         build_task(distill)
 
 

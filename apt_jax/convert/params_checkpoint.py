@@ -31,6 +31,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from apt_jax.errors import UserError
 from apt_jax.models.config import MMDiTConfig
 from apt_jax.models.mmdit import abstract_params as config_abstract_params
 from apt_jax.models.partitioning import unbox
@@ -120,7 +121,7 @@ def save_params(
     want = _flat(config_abstract_params(config))
     have = _flat(params)
     if msg := _mismatch(have, want, "params", "the MMDiTConfig's tree", _layout_hint(config, have)):
-        raise ValueError(msg)
+        raise UserError(msg)
     folder = as_path(path)
     params_dir = folder / PARAMS_DIR
     if (params_dir.exists() or (folder / CONFIG_NAME).exists()) and not overwrite:
@@ -168,13 +169,13 @@ def _read_config(folder: epath.Path) -> MMDiTConfig:
     try:
         fields = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+        raise UserError(f"{config_file} is not valid JSON: {e}") from e
     if not isinstance(fields, dict):
-        raise ValueError(f"{config_file} must hold a JSON object of MMDiTConfig fields.")
+        raise UserError(f"{config_file} must hold a JSON object of MMDiTConfig fields.")
     try:
         return MMDiTConfig(**fields)
     except TypeError as e:
-        raise ValueError(f"{config_file} has fields MMDiTConfig does not know: {e}") from e
+        raise UserError(f"{config_file} has fields MMDiTConfig does not know: {e}") from e
 
 
 def read_mmdit_config(path: str | os.PathLike) -> MMDiTConfig:
@@ -227,7 +228,7 @@ def load_params(path: str | os.PathLike, *, abstract_params: Any = None) -> tupl
             f"its {CONFIG_NAME}",
             _layout_hint(config, saved),
         ):
-            raise ValueError(msg)
+            raise UserError(msg)
         if abstract_params is None:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(
@@ -243,7 +244,7 @@ def load_params(path: str | os.PathLike, *, abstract_params: Any = None) -> tupl
                 "abstract_params",
                 _layout_hint(config, target_flat),
             ):
-                raise ValueError(msg)
+                raise UserError(msg)
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(

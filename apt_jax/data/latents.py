@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from apt_jax.errors import UserError
+
 BUILDER_NAME = "latents"
 VERSION = "1.0.0"
 FIELDS = ("latent", "context", "pooled")
@@ -90,19 +92,19 @@ def read_metadata(src_dir: str, metadata_csv: str, eval_rows: int = 0) -> list[R
         columns = set(reader.fieldnames or ())
         records = list(reader)
     if "caption" not in columns:
-        raise ValueError(f"{metadata_csv} has no 'caption' column (columns: {sorted(columns)}).")
+        raise UserError(f"{metadata_csv} has no 'caption' column (columns: {sorted(columns)}).")
     per_field = all(k in columns for k in FIELDS)
     if not per_field and "file" not in columns:
-        raise ValueError(
+        raise UserError(
             f"{metadata_csv} needs the columns 'latent', 'context' and 'pooled' (a file each) "
             f"or a 'file' column (one .safetensors holding all three); it has {sorted(columns)}."
         )
     if not records:
-        raise ValueError(f"{metadata_csv} has no rows.")
+        raise UserError(f"{metadata_csv} has no rows.")
     if "split" in columns and eval_rows:
-        raise ValueError(f"{metadata_csv} has a 'split' column; do not also pass eval_rows.")
+        raise UserError(f"{metadata_csv} has a 'split' column; do not also pass eval_rows.")
     if eval_rows < 0 or eval_rows >= len(records):
-        raise ValueError(
+        raise UserError(
             f"eval_rows={eval_rows} must be in [0, {len(records)}) (the CSV has "
             f"{len(records)} rows and training needs at least one)."
         )
@@ -116,7 +118,7 @@ def read_metadata(src_dir: str, metadata_csv: str, eval_rows: int = 0) -> list[R
         if "split" in columns:
             split = (r.get("split") or "").strip()
             if split not in SPLITS:
-                raise ValueError(
+                raise UserError(
                     f"{metadata_csv} row {i + 1}: split={split!r}; use one of {SPLITS}."
                 )
         else:
@@ -136,9 +138,9 @@ def load_array(path: str, field: str) -> np.ndarray:
       ValueError: a missing file, a missing tensor, or an unknown file type.
     """
     if not path:
-        raise ValueError(f"no {field} file given")
+        raise UserError(f"no {field} file given")
     if not os.path.isfile(path):
-        raise ValueError(f"{field} file {path} does not exist")
+        raise UserError(f"{field} file {path} does not exist")
     if path.endswith(".npy"):
         return np.load(path, allow_pickle=False)
     if path.endswith(".safetensors"):
@@ -150,8 +152,8 @@ def load_array(path: str, field: str) -> np.ndarray:
                 return f.get_tensor(field)
             if len(keys) == 1 and not set(keys) & set(FIELDS):
                 return f.get_tensor(keys[0])
-        raise ValueError(f"{path} holds no tensor named {field!r} (it has {keys})")
-    raise ValueError(f"{path}: unknown file type; use .npy or .safetensors")
+        raise UserError(f"{path} holds no tensor named {field!r} (it has {keys})")
+    raise UserError(f"{path}: unknown file type; use .npy or .safetensors")
 
 
 def _row_arrays(row: Row) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -227,12 +229,12 @@ def validate_rows(rows: Sequence[Row], shapes: Shapes | None = None) -> Shapes:
     if problems:
         shown = "\n  ".join(problems[:_MAX_LISTED])
         more = len(problems) - _MAX_LISTED
-        raise ValueError(
+        raise UserError(
             f"{len(problems)} problem(s) in the latent files; fix or drop these rows:\n  {shown}"
             + (f"\n  ... ({more} more)" if more > 0 else "")
         )
     if expected is None:
-        raise ValueError("No rows to validate.")
+        raise UserError("No rows to validate.")
     return Shapes(expected["latent"], expected["context"], expected["pooled"])
 
 
@@ -287,7 +289,7 @@ def _builder_class():
             for row in rows:
                 arrays, problems = _row_arrays(row)
                 if problems:  # changed on disk since validation
-                    raise ValueError(f"{row.paths['latent']}: {'; '.join(problems)}")
+                    raise UserError(f"{row.paths['latent']}: {'; '.join(problems)}")
                 example = {k: np.asarray(a, self._dtype) for k, a in arrays.items()}
                 yield f"{row.index:09d}", {**example, "caption": row.caption, "id": row.id}
 
@@ -332,9 +334,9 @@ def build_dataset(
     import tensorflow_datasets as tfds
 
     if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"dtype={dtype!r} must be one of {STORAGE_DTYPES}.")
+        raise UserError(f"dtype={dtype!r} must be one of {STORAGE_DTYPES}.")
     if not name or not name.replace("_", "").isalnum() or not name[0].isalpha():
-        raise ValueError(f"Dataset name {name!r} must be letters, digits and '_', from a letter.")
+        raise UserError(f"Dataset name {name!r} must be letters, digits and '_', from a letter.")
     shapes = validate_rows(rows, shapes)
     if negative is not None:
         negative = check_negative(negative, shapes)
@@ -378,7 +380,7 @@ def check_negative(negative: dict[str, Any], shapes: Shapes) -> dict[str, np.nda
             problems.append(f"{field} has NaN/Inf values")
         out[field] = a
     if problems:
-        raise ValueError(
+        raise UserError(
             "The negative prompt's embedding does not fit the rows: "
             + "; ".join(problems)
             + ". Encode the negative prompt with the same text encoders (and "
@@ -426,7 +428,7 @@ def read_spec(data_dir: str, name: str) -> DatasetSpec:
 
     folder = dataset_dir(data_dir, name)
     if not os.path.isfile(os.path.join(folder, "dataset_info.json")):
-        raise ValueError(
+        raise UserError(
             f"No latents dataset {name!r} under {data_dir!r} ({folder} has no "
             "dataset_info.json). Build it with `python launch/prepare_latents.py --src DIR "
             f"--metadata CSV --data_dir {data_dir} --name {name}`, or fix "
@@ -451,7 +453,7 @@ class LatentRecords:
 
         spec = read_spec(data_dir, name)
         if split not in spec.splits:
-            raise ValueError(
+            raise UserError(
                 f"The latents dataset {name!r} has no {split!r} split (it has "
                 f"{sorted(spec.splits)}); hold out rows with prepare_latents.py --eval_rows N "
                 "or a 'split' column, or set --config.data.eval_split=train."
@@ -528,7 +530,7 @@ def check_matches_model(spec: DatasetSpec, model: Any, where: str = "") -> None:
             f"{model.pooled_projection_dim}"
         )
     if problems:
-        raise ValueError(
+        raise UserError(
             f"The latents dataset{where} does not fit the model: " + "; ".join(problems) + "."
         )
 

@@ -26,6 +26,7 @@ import numpy as np
 from apt_jax.data import digits, latents
 from apt_jax.data.moving_digits import MovingDigitsSource
 from apt_jax.data.pipeline import make_train_iterator
+from apt_jax.errors import UserError
 from apt_jax.models import MMDiTConfig
 
 
@@ -53,7 +54,7 @@ def dataset(config: ml_collections.ConfigDict) -> Dataset:
     """The registry entry of `config.data.name`; a clear error for an unknown name."""
     name = config.data.name
     if name not in DATASETS:
-        raise ValueError(f"config.data.name={name!r} is unknown; use one of {sorted(DATASETS)}.")
+        raise UserError(f"config.data.name={name!r} is unknown; use one of {sorted(DATASETS)}.")
     return DATASETS[name]
 
 
@@ -111,12 +112,12 @@ def validate_keys(config: ml_collections.ConfigDict, model: MMDiTConfig) -> None
     dataset(config)
     if data.name == "moving_digits":
         if not model.is_video:
-            raise ValueError(
+            raise UserError(
                 "config.data.name='moving_digits' gives (B, F, H, W, C) clips but config.model "
                 "is image-only: set --config.model.patch_size_t=1 (or use a digits-video model)."
             )
         if data.num_frames % model.patch_size_t:
-            raise ValueError(
+            raise UserError(
                 f"config.data.num_frames={data.num_frames} is not a multiple of "
                 f"config.model.patch_size_t={model.patch_size_t}; the image stage "
                 "(num_frames=1) needs patch_size_t=1."
@@ -126,7 +127,7 @@ def validate_keys(config: ml_collections.ConfigDict, model: MMDiTConfig) -> None
     if data.name == "latents":
         for key in ("data_dir", "dataset", "eval_split"):
             if not data.get(key):
-                raise ValueError(
+                raise UserError(
                     f"config.data.{key} is empty: a latents run needs --config.data.data_dir=DIR "
                     "--config.data.dataset=NAME (built by launch/prepare_latents.py) and "
                     "config.data.eval_split (validation or train)."
@@ -144,7 +145,7 @@ def check_on_disk(config: ml_collections.ConfigDict, model: MMDiTConfig) -> None
     latents.check_matches_model(spec, model, f" {data.dataset!r}")
     for split in ("train", data.eval_split):
         if split not in spec.splits:
-            raise ValueError(
+            raise UserError(
                 f"The latents dataset {data.dataset!r} has no {split!r} split (it has "
                 f"{sorted(spec.splits)}); hold out rows with prepare_latents.py --eval_rows N "
                 "or a 'split' column, or set --config.data.eval_split=train."
@@ -159,7 +160,7 @@ def check_on_disk(config: ml_collections.ConfigDict, model: MMDiTConfig) -> None
         # latent_frames = 0 is a claim (image latents) once latent_size is set.
         given = data.get("latent_size", 0) if key == "latent_frames" else data.get(key, 0)
         if given and data.get(key, 0) != found:
-            raise ValueError(
+            raise UserError(
                 f"config.data.{key}={data[key]} but the dataset {data.dataset!r} has {found}; "
                 f"leave it at 0 (read from the dataset) or fix it."
             )

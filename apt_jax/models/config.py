@@ -18,6 +18,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from apt_jax.errors import UserError
+
 QK_NORMS = (None, "rms_norm")
 ATTENTION_IMPLEMENTATIONS = ("xla", "xla_autodiff", "cudnn")
 # The kernels whose backward pass JAX can differentiate again (exact R1 / R2, the
@@ -105,48 +107,48 @@ class MMDiTConfig:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"MMDiTConfig.{name} must be a positive int, got {value!r}.")
+                raise UserError(f"MMDiTConfig.{name} must be a positive int, got {value!r}.")
         if self.pos_embed_max_size is not None and self.pos_embed_max_size <= 0:
-            raise ValueError(
+            raise UserError(
                 f"MMDiTConfig.pos_embed_max_size must be positive or None, got "
                 f"{self.pos_embed_max_size!r}."
             )
         if self.patch_size_t is not None and self.patch_size_t <= 0:
-            raise ValueError(
+            raise UserError(
                 f"MMDiTConfig.patch_size_t must be a positive int (video) or None (images "
                 f"only), got {self.patch_size_t!r}."
             )
         if self.qk_norm not in QK_NORMS:
-            raise ValueError(
+            raise UserError(
                 f"MMDiTConfig.qk_norm={self.qk_norm!r} is unknown; use one of {QK_NORMS}."
             )
         if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
+            raise UserError(
                 f"MMDiTConfig.attention_implementation={self.attention_implementation!r} is "
                 f"unknown; use one of {ATTENTION_IMPLEMENTATIONS}."
             )
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
+            raise UserError(
                 f"MMDiTConfig.remat_policy={self.remat_policy!r} is unknown; use one of "
                 f"{REMAT_POLICIES}."
             )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(
+                raise UserError(
                     f"MMDiTConfig.{name}={getattr(self, name)!r} is unknown; use one of {DTYPES}."
                 )
         bad = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers]
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"MMDiTConfig.dual_attention_layers has indices {bad} outside "
                 f"[0, num_layers={self.num_layers}); drop them or raise num_layers."
             )
         if len(set(self.dual_attention_layers)) != len(self.dual_attention_layers):
-            raise ValueError(
+            raise UserError(
                 f"MMDiTConfig.dual_attention_layers={self.dual_attention_layers} has duplicates."
             )
         if self.caption_projection_dim != self.inner_dim:
-            raise ValueError(
+            raise UserError(
                 f"MMDiTConfig.caption_projection_dim={self.caption_projection_dim} must equal "
                 f"num_attention_heads * attention_head_dim = {self.inner_dim}: the context "
                 "stream joins the image stream in one attention; set it to "
@@ -197,65 +199,65 @@ class MMDiTConfig:
         x_shape = tuple(x_shape)
         if len(x_shape) == 5:
             if not self.is_video:
-                raise ValueError(
+                raise UserError(
                     f"Got video latents of shape {x_shape} (B, F, H, W, C) but this "
                     "MMDiTConfig is image-only: set patch_size_t (e.g. 1) to enable video."
                 )
             frames = x_shape[1]
             if frames % self.patch_size_t:
-                raise ValueError(
+                raise UserError(
                     f"Video has {frames} frames, not divisible by patch_size_t="
                     f"{self.patch_size_t}; pad or crop the frames, or change patch_size_t."
                 )
         elif len(x_shape) == 4:
             if self.is_video and self.patch_size_t != 1:
-                raise ValueError(
+                raise UserError(
                     f"Got image latents {x_shape} for a video config with patch_size_t="
                     f"{self.patch_size_t}; pass them as (B, F, H, W, C) clips with F a "
                     "multiple of patch_size_t."
                 )
         else:
-            raise ValueError(
+            raise UserError(
                 f"Latents must be (B, H, W, C) images or (B, F, H, W, C) video, got shape "
                 f"{x_shape}."
             )
         batch = x_shape[0]
         height, width, channels = x_shape[-3:]
         if channels != self.in_channels:
-            raise ValueError(
+            raise UserError(
                 f"Latents have {channels} channels (last axis, channels-last) but "
                 f"in_channels={self.in_channels}."
             )
         p = self.patch_size
         if height % p or width % p:
-            raise ValueError(
+            raise UserError(
                 f"Latent size {height}x{width} is not divisible by patch_size={p}; pad or "
                 "crop the latents, or change patch_size."
             )
         if self.pos_embed_max_size is not None:
             grid = self.pos_embed_max_size
             if height // p > grid or width // p > grid:
-                raise ValueError(
+                raise UserError(
                     f"Latent size {height}x{width} is {height // p}x{width // p} patches, "
                     f"larger than the position table (pos_embed_max_size={grid}); raise "
                     "pos_embed_max_size or use smaller latents."
                 )
         if t_shape is not None and tuple(t_shape) != (batch,):
-            raise ValueError(f"t must have shape (B,)=({batch},), got {tuple(t_shape)}.")
+            raise UserError(f"t must have shape (B,)=({batch},), got {tuple(t_shape)}.")
         if context_shape is not None:
             context_shape = tuple(context_shape)
             if len(context_shape) != 3 or context_shape[0] != batch:
-                raise ValueError(
+                raise UserError(
                     f"context must be (B={batch}, L, {self.joint_attention_dim}), got "
                     f"{context_shape}."
                 )
             if context_shape[-1] != self.joint_attention_dim:
-                raise ValueError(
+                raise UserError(
                     f"context width {context_shape[-1]} != joint_attention_dim="
                     f"{self.joint_attention_dim}."
                 )
         if pooled_shape is not None and tuple(pooled_shape) != (batch, self.pooled_projection_dim):
-            raise ValueError(
+            raise UserError(
                 f"pooled must be (B={batch}, pooled_projection_dim="
                 f"{self.pooled_projection_dim}), got {tuple(pooled_shape)}."
             )
@@ -369,5 +371,5 @@ RELEASED_PARAMETER_COUNTS = {
 def get_variant(name: str, **overrides: Any) -> MMDiTConfig:
     """Returns the `MMDiTConfig` of a named variant, with field overrides."""
     if name not in VARIANTS:
-        raise ValueError(f"Unknown MMDiT variant {name!r}; choose one of {sorted(VARIANTS)}.")
+        raise UserError(f"Unknown MMDiT variant {name!r}; choose one of {sorted(VARIANTS)}.")
     return MMDiTConfig(**{**VARIANTS[name], **overrides})

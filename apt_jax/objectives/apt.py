@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from apt_jax.errors import UserError
 from apt_jax.models.apt_discriminator import APTDiscriminator
 from apt_jax.models.config import SECOND_ORDER_ATTENTION
 from apt_jax.objectives import adversarial as adv
@@ -71,25 +72,25 @@ class APTLossSettings:
 
     def __post_init__(self):
         if self.exact_attention not in SECOND_ORDER_ATTENTION:
-            raise ValueError(
+            raise UserError(
                 f"exact_attention={self.exact_attention!r} has no second-order rule; exact R1 / "
                 f"R2 and the gradient penalty need one of {SECOND_ORDER_ATTENTION}."
             )
         if self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r} is unknown; use one of {LOSSES}.")
+            raise UserError(f"loss={self.loss!r} is unknown; use one of {LOSSES}.")
         for name in ("r1_mode", "r2_mode"):
             if getattr(self, name) not in PENALTY_MODES:
-                raise ValueError(
+                raise UserError(
                     f"{name}={getattr(self, name)!r} is unknown; use one of {PENALTY_MODES}."
                 )
         if self.r1_weight < 0 or self.gp_weight < 0:
-            raise ValueError("r1_weight and gp_weight must be >= 0.")
+            raise UserError("r1_weight and gp_weight must be >= 0.")
         if self.r1_sigma <= 0:
-            raise ValueError(f"r1_sigma={self.r1_sigma} must be > 0.")
+            raise UserError(f"r1_sigma={self.r1_sigma} must be > 0.")
         if self.r1_exact_weight is not None and self.r1_exact_weight < 0:
-            raise ValueError("r1_exact_weight must be >= 0 (or None for lambda * sigma^2).")
+            raise UserError("r1_exact_weight must be >= 0 (or None for lambda * sigma^2).")
         if self.d_timestep_shift <= 0:
-            raise ValueError(f"d_timestep_shift={self.d_timestep_shift} must be > 0.")
+            raise UserError(f"d_timestep_shift={self.d_timestep_shift} must be > 0.")
 
     @property
     def exact_weight(self) -> float:

@@ -44,6 +44,7 @@ import optax
 
 from apt_jax import sampling
 from apt_jax.data import registry
+from apt_jax.errors import UserError
 from apt_jax.models import APTDiscriminator
 from apt_jax.models.partitioning import axis_rules, logical_shardings, unbox
 from apt_jax.objectives.apt import APTLossSettings, discriminator_loss, generator_loss
@@ -93,7 +94,7 @@ def discriminator_optimizer(
     """
     multiplier = float(opt.get("head_lr_multiplier", 1.0))
     if multiplier <= 0:
-        raise ValueError(
+        raise UserError(
             f"config.discriminator_optimizer.head_lr_multiplier={multiplier} must be > 0."
         )
     tx = make_optimizer(opt, total_steps)
@@ -122,11 +123,11 @@ def sources(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
     """
     init_from, gen_init = config.get("init_from", ""), config.get("generator_init_from", "")
     if init_from and config.teacher_workdir:
-        raise ValueError(
+        raise UserError(
             "config.init_from and config.teacher_workdir both name D's backbone; set one."
         )
     if gen_init and config.generator_workdir:
-        raise ValueError(
+        raise UserError(
             "config.generator_init_from and config.generator_workdir both name G; set one."
         )
     teacher = ("checkpoint", "init_from") if init_from else ("run", "teacher_workdir")
@@ -139,7 +140,7 @@ def sources(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
     found = {"teacher": teacher, "generator": generator}
     from_checkpoint = any(kind == "checkpoint" for kind, _ in found.values())
     if registry.conditioning(config) == "class" and from_checkpoint:
-        raise ValueError(
+        raise UserError(
             "Converted checkpoints (config.init_from / generator_init_from) start text-"
             "conditioned APT runs; class-conditional runs start from teacher_workdir and "
             "generator_workdir."
@@ -157,7 +158,7 @@ def validate(config: ml_collections.ConfigDict, check_sources: bool = True) -> N
     for role in ROLES:
         opt = config[f"{role}_optimizer"]
         if opt.get("accumulation_steps", 1) != 1:
-            raise ValueError(
+            raise UserError(
                 f"config.{role}_optimizer.accumulation_steps must be 1: the APT step updates "
                 "D and G once each per batch. Lower config.batch_size or add devices instead."
             )

@@ -44,6 +44,7 @@ import optax
 
 from apt_jax import sampling
 from apt_jax.data import registry
+from apt_jax.errors import UserError
 from apt_jax.eval.generate import sample_labels
 from apt_jax.models.partitioning import axis_rules, logical_shardings
 from apt_jax.objectives.distill import (
@@ -73,20 +74,20 @@ def validate(config: ml_collections.ConfigDict, check_sources: bool = True) -> N
     """Checks the config; with `check_sources`, the teacher run and the targets file too."""
     validate_common(config)
     if config.variant not in VARIANTS:
-        raise ValueError(f"config.variant={config.variant!r} is unknown; use one of {VARIANTS}.")
+        raise UserError(f"config.variant={config.variant!r} is unknown; use one of {VARIANTS}.")
     if config.targets not in TARGETS:
-        raise ValueError(f"config.targets={config.targets!r} is unknown; use one of {TARGETS}.")
+        raise UserError(f"config.targets={config.targets!r} is unknown; use one of {TARGETS}.")
     if config.variant == "direct" and config.student_steps < 1:
-        raise ValueError("config.student_steps must be >= 1 for direct distillation.")
+        raise UserError("config.student_steps must be >= 1 for direct distillation.")
     key = teacher_key(config)
     if weights.is_checkpoint_key(key) and registry.conditioning(config) == "class":
-        raise ValueError(
+        raise UserError(
             "config.init_from (a converted checkpoint, an MMDiT alone) can be the teacher of "
             "text-conditioned runs only; a class-conditional teacher is a run: pass "
             "--config.teacher_workdir=RUN."
         )
     if config.targets == "precomputed" and weights.is_checkpoint_key(key):
-        raise ValueError(
+        raise UserError(
             "config.targets='precomputed' reads targets launch/make_targets.py made from a "
             "teacher run (--teacher_workdir); with a converted teacher (config.init_from) use "
             "config.targets='on_the_fly'."
@@ -103,13 +104,13 @@ def teacher_key(config: ml_collections.ConfigDict) -> str:
     """The key naming the teacher: "teacher_workdir" (a run) or "init_from" (a
     converted checkpoint, text runs)."""
     if config.get("init_from") and config.get("teacher_workdir"):
-        raise ValueError(
+        raise UserError(
             "config.init_from and config.teacher_workdir both name the teacher; set one."
         )
     if config.get("init_from"):
         return "init_from"
     if not config.get("teacher_workdir"):
-        raise ValueError(
+        raise UserError(
             "A distillation run needs a teacher: pass --config.teacher_workdir=RUN (an SFT "
             "run) or, for text-conditioned runs, --config.init_from=CKPT (launch/convert.py)."
         )
@@ -119,7 +120,7 @@ def teacher_key(config: ml_collections.ConfigDict) -> str:
 def _check_targets_file(config) -> None:
     path = config.targets_path
     if not path or not os.path.exists(path):
-        raise ValueError(
+        raise UserError(
             f"config.targets_path={path!r} does not exist; make it with "
             "`python launch/make_targets.py --teacher_workdir ... --out F.npz`."
         )
@@ -129,18 +130,18 @@ def _check_targets_file(config) -> None:
         keyed_by_row = "row" in f
     if keyed_by_row != (registry.conditioning(config) == "text"):
         kind = "dataset rows (text)" if keyed_by_row else "class labels"
-        raise ValueError(
+        raise UserError(
             f"{path} holds targets keyed by {kind}, but this run trains on "
             f"{config.data.name!r}; make the targets from a teacher trained on this data."
         )
     shape = registry.sample_shape(config)
     if target_shape != tuple(shape):
-        raise ValueError(
+        raise UserError(
             f"{path} holds targets of shape {target_shape}, but config.data gives samples of "
             f"shape {tuple(shape)}; make the targets from a teacher trained on this data."
         )
     if steps != config.teacher_steps or not np.isclose(cfg, config.teacher_cfg):
-        raise ValueError(
+        raise UserError(
             f"{path} holds targets of {steps} teacher steps at CFG {cfg}, but the config asks "
             f"for teacher_steps={config.teacher_steps}, teacher_cfg={config.teacher_cfg}."
         )
@@ -158,7 +159,7 @@ class TargetsSource:
             key = "row" if "row" in f else "label"
             self._keys = f[key].astype(np.int32)
         if key == "row" and records is None:
-            raise ValueError(f"{path} holds text targets: pass the dataset's records.")
+            raise UserError(f"{path} holds text targets: pass the dataset's records.")
         self._records = records if key == "row" else None
 
     def __len__(self) -> int:

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from apt_jax.convert.params_checkpoint import read_mmdit_config
+from apt_jax.errors import UserError
 from apt_jax.train import sharding
 from apt_jax.train.checkpoint import Checkpointer
 from apt_jax.train.task import Task
@@ -50,7 +51,7 @@ def build_task(config: ml_collections.ConfigDict, mesh=None, *, check_sources: b
         only when `init_state` / `make_iterator` are called.
     """
     if config.task not in _BUILDERS:
-        raise ValueError(f"config.task={config.task!r} is unknown; use one of {task_names()}.")
+        raise UserError(f"config.task={config.task!r} is unknown; use one of {task_names()}.")
     return _BUILDERS[config.task](resolve_model(config), mesh, check_sources=check_sources)
 
 
@@ -74,14 +75,14 @@ def resolve_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
         return config
     path = config.get(key, "")
     if not path:
-        raise ValueError(
+        raise UserError(
             f"config.model_from={key!r} takes the architecture from config.{key}, which is "
             f"empty: pass --config.{key}=CKPT (launch/convert.py --diffusers ... --scan_layers)."
         )
     try:
         theirs = read_mmdit_config(path).to_dict()
     except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"config.{key}={path!r} (config.model_from): {e}") from e
+        raise UserError(f"config.{key}={path!r} (config.model_from): {e}") from e
     model = {**theirs, **{k: config.model[k] for k in RUNTIME_FIELDS}}
     resolved = ml_collections.ConfigDict(config.to_dict())
     resolved.model = ml_collections.ConfigDict(model)

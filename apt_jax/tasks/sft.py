@@ -16,6 +16,7 @@ import optax
 
 from apt_jax import flow
 from apt_jax.data import registry
+from apt_jax.errors import UserError
 from apt_jax.models.partitioning import axis_rules, logical_shardings, unbox
 from apt_jax.objectives.sft import flow_matching_loss
 from apt_jax.tasks import weights
@@ -38,24 +39,24 @@ def validate(config: ml_collections.ConfigDict, check_sources: bool = True) -> N
     validate_common(config)
     f = config.flow
     if f.density not in flow.DENSITIES:
-        raise ValueError(
+        raise UserError(
             f"config.flow.density={f.density!r} is unknown; use one of {flow.DENSITIES}."
         )
     if f.weighting not in flow.LOSS_WEIGHTINGS:
-        raise ValueError(
+        raise UserError(
             f"config.flow.weighting={f.weighting!r} is unknown; use one of {flow.LOSS_WEIGHTINGS}."
         )
     if not 0.0 <= f.label_dropout < 1.0:
-        raise ValueError(f"config.flow.label_dropout={f.label_dropout} must be in [0, 1).")
+        raise UserError(f"config.flow.label_dropout={f.label_dropout} must be in [0, 1).")
     k = config.optimizer.accumulation_steps
     if config.batch_size % k:
-        raise ValueError(
+        raise UserError(
             f"config.batch_size={config.batch_size} is not divisible by "
             f"config.optimizer.accumulation_steps={k}."
         )
     start = start_key(config)
     if start is None and config.get("lora", {}).get("rank", 0):
-        raise ValueError(
+        raise UserError(
             "config.lora.rank > 0 trains adapters on frozen weights, but neither "
             "config.init_workdir (an SFT run) nor config.init_from (a converted checkpoint) is "
             "set (the base would be random): pass one, e.g. --config.init_workdir=RUN."
@@ -70,7 +71,7 @@ def start_key(config: ml_collections.ConfigDict) -> str | None:
     """The key naming the starting weights: "init_from", "init_workdir" or None (fresh)."""
     init_from, init_workdir = config.get("init_from", ""), config.get("init_workdir", "")
     if init_from and init_workdir:
-        raise ValueError(
+        raise UserError(
             "config.init_from (a converted checkpoint) and config.init_workdir (a run) both "
             "name the starting weights; set one."
         )

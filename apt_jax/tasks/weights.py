@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from apt_jax.convert.params_checkpoint import load_params, read_mmdit_config
 from apt_jax.data import registry
+from apt_jax.errors import UserError
 from apt_jax.lora import LoRA
 from apt_jax.paths import as_path
 from apt_jax.tasks.runs import load_run
@@ -71,7 +72,7 @@ def state_weights(state: TrainState, ema: bool, base: Any = None, lora: LoRA | N
     whose params are adapters over weights kept elsewhere (distillation)."""
     trained = state.ema_params if ema else state.params
     if trained is None:
-        raise ValueError("This run keeps no EMA weights; export the trained ones (--noema).")
+        raise UserError("This run keeps no EMA weights; export the trained ones (--noema).")
     if isinstance(state, LoRATrainState):
         base, lora = state.base, state.lora
     return GeneratorWeights(trained, base, lora)
@@ -85,9 +86,9 @@ def is_checkpoint_key(key: str) -> bool:
 def run_config(workdir: str, key: str = "teacher_workdir") -> ml_collections.ConfigDict:
     """The stored config of the run in `workdir`, named by `config.<key>`; errors say how to fix."""
     if not workdir:
-        raise ValueError(f"config.{key} is empty: pass --config.{key}=DIR.")
+        raise UserError(f"config.{key} is empty: pass --config.{key}=DIR.")
     if not (as_path(workdir) / "checkpoints").is_dir():
-        raise ValueError(
+        raise UserError(
             f"config.{key}={workdir!r} holds no checkpoints; train that run first "
             "(README.md lists the recipes) or fix the path."
         )
@@ -116,7 +117,7 @@ def check_same_model(config, source_config, what: str = "teacher") -> None:
         elif a != b:
             diffs.append(f"{f}: {b!r} ({what}) vs {a!r}")
     if diffs:
-        raise ValueError(
+        raise UserError(
             f"The {what} run holds a model of another shape than config.model: "
             + "; ".join(diffs[:10])
             + f". Set the student's config to the {what}'s (e.g. --config.model.num_layers=...)."
@@ -135,7 +136,7 @@ def check_pretrained(config: ml_collections.ConfigDict, key: str = "init_from") 
     try:
         theirs = read_mmdit_config(path).to_dict()
     except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"config.{key}={path!r}: {e}") from e
+        raise UserError(f"config.{key}={path!r}: {e}") from e
     mine = mmdit_config(config).to_dict()
     diffs = [
         f"config.model.{k}={mine[k]!r} but the checkpoint has {theirs.get(k)!r}"
@@ -143,7 +144,7 @@ def check_pretrained(config: ml_collections.ConfigDict, key: str = "init_from") 
         if k not in _FREE_VS_CHECKPOINT and _norm(mine[k]) != _norm(theirs.get(k))
     ]
     if diffs:
-        raise ValueError(
+        raise UserError(
             f"config.{key}={path!r} holds another architecture than config.model: "
             + "; ".join(diffs)
             + ". Pick the config variant of the checkpoint's model (configs/sd3_sft.py:"
@@ -160,7 +161,7 @@ def check_start(config: ml_collections.ConfigDict, key: str, what: str) -> None:
         return
     source = run_config(config[key], key)
     if registry.conditioning(source) != registry.conditioning(config):
-        raise ValueError(
+        raise UserError(
             f"config.{key}={config[key]!r} was trained on {source.data.name} and this run "
             f"on {config.data.name}: G and D must be conditioned alike."
         )
@@ -178,7 +179,7 @@ def load_pretrained_mmdit(path: str, abstract_mmdit: Any, key: str = "init_from"
     try:
         _, params = load_params(path, abstract_params=abstract_mmdit)
     except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"config.{key}={path!r}: {e}") from e
+        raise UserError(f"config.{key}={path!r}: {e}") from e
     return params
 
 

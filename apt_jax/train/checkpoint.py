@@ -93,6 +93,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from apt_jax.errors import UserError
 from apt_jax.paths import as_path
 
 __all__ = ["Checkpointer", "DamagedCheckpointError", "abstract_like", "read_config"]
@@ -129,9 +130,10 @@ _READ_FAILURE = re.compile(r"Error (reading|decoding)|[Tt]runcated|decompress")
 _MAX_ERROR_CHARS = 300
 
 
-class DamagedCheckpointError(RuntimeError):
+class DamagedCheckpointError(UserError, RuntimeError):
     """No checkpoint step asked for (or none at all) can be read back: its files are
-    truncated, overwritten or missing."""
+    truncated, overwritten or missing. A user error (the launch scripts print its
+    message, which lists the steps and what to do, as one line)."""
 
 
 class _DamagedItem(Exception):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ml_collections
 
 from apt_jax.data import registry
+from apt_jax.errors import UserError
 from apt_jax.models import MMDiTConfig, axes, get_variant
 
 
@@ -118,10 +119,10 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
     for key in ("total_steps", "batch_size", "checkpoint_every"):
         value = config.get(key)
         if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"config.{key} must be a positive int, got {value!r}.")
+            raise UserError(f"config.{key} must be a positive int, got {value!r}.")
     if config.get("log_every", 1) <= 0:
-        raise ValueError("config.log_every must be a positive int.")
+        raise UserError("config.log_every must be a positive int.")
     if not 0.0 <= config.ema_decay < 1.0:
-        raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1).")
+        raise UserError(f"config.ema_decay={config.ema_decay} must be in [0, 1).")
     # Contradictory model fields raise here; the dataset must fit the model.
     registry.validate_keys(config, mmdit_config(config))

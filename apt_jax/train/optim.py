@@ -14,6 +14,8 @@ from typing import Any
 
 import optax
 
+from apt_jax.errors import UserError
+
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -22,22 +24,22 @@ def check_optimizer_config(opt: Mapping[str, Any], total_steps: int) -> None:
     """Raises ValueError for an unknown optimizer / schedule or bad numbers."""
     name = opt.get("name")
     if name not in OPTIMIZERS:
-        raise ValueError(f"config.optimizer.name={name!r} is unknown; use one of {OPTIMIZERS}.")
+        raise UserError(f"config.optimizer.name={name!r} is unknown; use one of {OPTIMIZERS}.")
     schedule = opt.get("schedule", "constant")
     if schedule not in SCHEDULES:
-        raise ValueError(
+        raise UserError(
             f"config.optimizer.schedule={schedule!r} is unknown; use one of {SCHEDULES}."
         )
     if not opt.get("learning_rate", 0) > 0:
-        raise ValueError("config.optimizer.learning_rate must be > 0.")
+        raise UserError("config.optimizer.learning_rate must be > 0.")
     warmup = int(opt.get("warmup_steps", 0))
     if warmup < 0 or (schedule != "constant" and warmup >= total_steps):
-        raise ValueError(
+        raise UserError(
             f"config.optimizer.warmup_steps={warmup} must be >= 0 and, for a decaying "
             f"schedule, below total_steps={total_steps}."
         )
     if int(opt.get("accumulation_steps", 1)) < 1:
-        raise ValueError("config.optimizer.accumulation_steps must be >= 1.")
+        raise UserError("config.optimizer.accumulation_steps must be >= 1.")
 
 
 def make_schedule(opt: Mapping[str, Any], total_steps: int) -> optax.Schedule:
