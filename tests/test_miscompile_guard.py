@@ -27,6 +27,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from apt_jax.models import MMDiT, axes, get_variant
+from apt_jax.tasks.networks import check_batch_and_mesh
 from apt_jax.train import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -308,3 +309,18 @@ def test_tpu_compiler_program_has_no_row_swap():
     assert result["platform"] == "tpu"
     assert result["guard"] is None
     assert not SWAP_DATA_FSDP <= _permute_pairs(result["hlo"])
+
+
+# ------------------------------------------------- wired into every task's build
+@pytest.mark.parametrize("recipe", ["digits_sft", "digits_apt"])
+def test_task_builds_refuse_the_miscompiled_batch(recipe):
+    """The stages check their batch and mesh through `networks.check_batch_and_mesh`:
+    the tiny digits model on 2x2x2 is refused at batch 4 (image stream in the
+    window), before anything compiles; batch 16 is outside it."""
+    config = importlib.import_module(f"configs.{recipe}").get_config("tiny")
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    config.batch_size = 4
+    with pytest.raises(ValueError, match=r"batch_size=4 on mesh .* hits a known XLA miscompile"):
+        check_batch_and_mesh(config, mesh)
+    config.batch_size = 16
+    check_batch_and_mesh(config, mesh)

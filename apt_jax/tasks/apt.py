@@ -49,7 +49,12 @@ from apt_jax.models import APTDiscriminator
 from apt_jax.models.partitioning import axis_rules, logical_shardings, unbox
 from apt_jax.objectives.apt import APTLossSettings, discriminator_loss, generator_loss
 from apt_jax.tasks import weights
-from apt_jax.tasks.networks import Generator, make_discriminator, make_generator
+from apt_jax.tasks.networks import (
+    Generator,
+    check_batch_and_mesh,
+    make_discriminator,
+    make_generator,
+)
 from apt_jax.tasks.runs import register
 from apt_jax.train import sharding
 from apt_jax.train.config import mmdit_config, validate_common
@@ -247,7 +252,7 @@ class APTStep:
 def build(config: ml_collections.ConfigDict, mesh=None, *, check_sources: bool = True) -> Task:
     validate(config, check_sources)
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-    sharding.check_batch_size(config.batch_size, mesh)
+    check_batch_and_mesh(config, mesh)
     rules = config.logical_axis_rules
     gen = make_generator(config)
     disc = make_discriminator(config)

@@ -54,7 +54,7 @@ from apt_jax.objectives.distill import (
     teacher_solution,
 )
 from apt_jax.tasks import weights
-from apt_jax.tasks.networks import Generator, make_generator
+from apt_jax.tasks.networks import Generator, check_batch_and_mesh, make_generator
 from apt_jax.tasks.runs import load_run, register
 from apt_jax.train import sharding
 from apt_jax.train.config import mmdit_config, validate_common
@@ -226,7 +226,7 @@ def batch_condition(batch: dict) -> Any:
 def build(config: ml_collections.ConfigDict, mesh=None, *, check_sources: bool = True) -> Task:
     validate(config, check_sources)
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-    sharding.check_batch_size(config.batch_size, mesh)
+    check_batch_and_mesh(config, mesh)
     rules = config.logical_axis_rules
     gen = make_generator(config)
     tx = make_optimizer(config.optimizer, config.total_steps)

@@ -1,4 +1,4 @@
-"""The networks a config asks for.
+"""The networks a config asks for, and whether their step fits the mesh.
 
 The generator's conditioning follows the data (`apt_jax.data.registry`):
 class labels through a label embedder, or the dataset's text embeddings.
@@ -8,9 +8,11 @@ APT's discriminator shares the generator's backbone architecture.
 from __future__ import annotations
 
 import ml_collections
+from jax.sharding import Mesh
 
 from apt_jax.data import registry
 from apt_jax.models import APTDiscriminator, ClassConditionalMMDiT, TextConditionalMMDiT
+from apt_jax.train import sharding
 from apt_jax.train.config import mmdit_config
 
 Generator = ClassConditionalMMDiT | TextConditionalMMDiT
@@ -32,4 +34,25 @@ def make_discriminator(config: ml_collections.ConfigDict) -> APTDiscriminator:
         config.context_tokens,
         head_layers=layers,
         conditioning=registry.conditioning(config),
+    )
+
+
+def check_batch_and_mesh(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """The global batch splits over `mesh`'s batch axes and processes, and the
+    mesh and batch are not ones XLA is known to miscompile for this model
+    (`sharding.known_miscompile`, docs/miscompile.md); raises before compiling."""
+    model = mmdit_config(config)
+    example = registry.example_spec(config)
+    text = registry.conditioning(config) == "text"
+    context = example["context"][0][0] if text else config.context_tokens
+    accumulation = config.get("optimizer", {}).get("accumulation_steps", 1)
+    sharding.check_batch_size(
+        config.batch_size,
+        mesh,
+        width=model.inner_dim,
+        tokens_per_example=sharding.mmdit_token_streams(
+            model, registry.sample_shape(config), context
+        ),
+        rules=config.logical_axis_rules,
+        microbatches=accumulation,
     )

@@ -20,7 +20,7 @@ from apt_jax.errors import UserError
 from apt_jax.models.partitioning import axis_rules, logical_shardings, unbox
 from apt_jax.objectives.sft import flow_matching_loss
 from apt_jax.tasks import weights
-from apt_jax.tasks.networks import make_generator
+from apt_jax.tasks.networks import check_batch_and_mesh, make_generator
 from apt_jax.tasks.runs import register
 from apt_jax.train import sharding
 from apt_jax.train.config import mmdit_config, validate_common
@@ -83,7 +83,7 @@ def start_key(config: ml_collections.ConfigDict) -> str | None:
 def build(config: ml_collections.ConfigDict, mesh=None, *, check_sources: bool = True) -> Task:
     validate(config, check_sources)
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-    sharding.check_batch_size(config.batch_size, mesh)
+    check_batch_and_mesh(config, mesh)
     rules = config.logical_axis_rules
     gen = make_generator(config)
     tx = make_optimizer(config.optimizer, config.total_steps)
