@@ -365,9 +365,17 @@ def test_prepare_latents_cli(tmp_path):
     src = tmp_path / "src"
     write_npy_rows(str(src), 4)
     cmd = [sys.executable, script, f"--src={src}", f"--data_dir={tmp_path / 'data'}"]
-    out = subprocess.run([*cmd, "--name=ok", "--eval_rows=1"], capture_output=True, text=True)
+    negative = {"context": np.ones(CONTEXT, np.float32), "pooled": np.full(POOLED, 2, np.float32)}
+    for k, v in negative.items():
+        np.save(tmp_path / f"neg.{k}.npy", v)
+    neg_flags = [f"--negative_{k}={tmp_path / f'neg.{k}.npy'}" for k in negative]
+    out = subprocess.run(
+        [*cmd, "--name=ok", "--eval_rows=1", *neg_flags], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Wrote 4 examples {'train': 3, 'validation': 1}" in out.stdout
+    stored = latents.read_negative(str(tmp_path / "data"), "ok")
+    np.testing.assert_array_equal(stored["pooled"], negative["pooled"])
     np.save(src / "r2.pooled.npy", np.full(POOLED, np.inf, np.float32))
     out = subprocess.run([*cmd, "--name=bad"], capture_output=True, text=True)
     assert out.returncode != 0
