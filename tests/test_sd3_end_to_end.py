@@ -266,6 +266,32 @@ def test_exported_apt_generator_runs_in_diffusers_as_g(
     print(f"\nexport vs apt_jax G: {np.abs(got - want).max():.2e}; vs the teacher: {moved:.2e}")
     assert moved > 10 * TOL
 
+    # launch/sample.py --prompts --pipeline: the same prompts, encoded by the CLI.
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(prompts) + "\n")
+    npz = tmp_path / "prompted.npz"
+    cmd = [sys.executable, "launch/sample.py", "--workdir", run, "--num", "6", "--steps", "1"]
+    cmd += ["--cfg", "1", "--prompts", str(prompts_file), "--pipeline", pipeline_dir]
+    proc = subprocess.run(
+        [*cmd, "--out", str(npz)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(npz) as f:
+        images, labels = f["images"], f["labels"]
+    assert labels.tolist() == [0, 1, 2, 3, 0, 1]  # sample i takes prompt i mod 4
+    task, state, _ = load_run(run)
+    with torch.no_grad():
+        context, _, pooled, _ = student.encode_prompt(
+            list(prompts),
+            None,
+            None,
+            do_classifier_free_guidance=False,
+            max_sequence_length=MAX_LEN,
+        )
+    rows = {"context": context.numpy(), "pooled": pooled.numpy()}
+    expected, _ = task.sample(state, 6, 1, 1.0, 0, cond_rows=rows)
+    np.testing.assert_allclose(images, expected, rtol=0, atol=TOL)
+
 
 # ------------------------------------------------------------------ the whole path
 @pytest.mark.slow  # trains two runs and spawns launch/convert.py

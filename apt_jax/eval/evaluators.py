@@ -105,7 +105,7 @@ def _text_samples(gen, params, config, rows: dict, num: int, steps: int, cfg_sca
         cfg_scale=cfg_scale,
         shift=config.eval.shift,
         seed=seed,
-        image_shape=tuple(rows["latent"].shape[1:]),
+        image_shape=registry.sample_shape(config),
         labels=(np.arange(num) % count).astype(np.int32),
         cond_rows={"context": rows["context"], "pooled": rows["pooled"]},
         negative=registry.negative_condition(config),
@@ -169,16 +169,18 @@ def evaluate_and_sample(
 ) -> tuple[Callable, Callable]:
     """The `evaluate` and `sample` of a Task whose generator is `served_params(state)`.
 
-    Text-conditioned runs sample with the embeddings of the eval split's rows,
-    sample i from row `i mod rows`; the returned labels are those row indices.
+    Text-conditioned runs sample with the embeddings of the eval split's rows, or
+    of `sample(..., cond_rows={"context": (R, L, D), "pooled": (R, P)})` (encoded
+    prompts), sample i from row `i mod R`; the returned labels are those row
+    indices.
     """
     if isinstance(gen, TextConditionalMMDiT):
 
         def evaluate(state, step, out_dir):
             return evaluate_text_generator(gen, served_params(state), config, step, out_dir)
 
-        def sample(state, num, steps, cfg_scale, seed):
-            _, rows = _eval_rows(config, num)
+        def sample(state, num, steps, cfg_scale, seed, cond_rows=None):
+            rows = _eval_rows(config, num)[1] if cond_rows is None else cond_rows
             params = served_params(state)
             return _text_samples(gen, params, config, rows, num, steps, cfg_scale, seed)
 
