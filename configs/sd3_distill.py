@@ -61,6 +61,9 @@ def get_config(arg: str = "sd3-medium,deterministic"):
     c.teacher_steps = 25
     c.teacher_cfg = 7.5
     c.teacher_shift = 3.0
+    # The pipeline's own sigmas: the targets are what diffusers' SD3 pipeline gives
+    # for the same noise, steps and CFG ("linear": shift(linspace(1, 0))).
+    c.teacher_schedule = "diffusers"
     c.teacher_negative_label = -1  # class-conditional runs only
     c.targets = "on_the_fly"  # or "precomputed" (launch/make_targets.py)
     c.targets_path = ""

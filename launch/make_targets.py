@@ -26,6 +26,9 @@ _CFG = flags.DEFINE_float("cfg", 1.0, "Teacher guidance scale.")
 _SHIFT = flags.DEFINE_float("shift", 1.0, "Time shift of the teacher's schedule.")
 _SEED = flags.DEFINE_integer("first_seed", 0, "Seed of row 0 (row i uses first_seed + i).")
 _NEG = flags.DEFINE_integer("negative_label", -1, "Negative class for CFG (-1: null class).")
+_SCHEDULE = flags.DEFINE_enum(
+    "schedule", "linear", ["linear", "diffusers"], "Teacher sigmas (config.teacher_schedule)."
+)
 flags.mark_flags_as_required(["teacher_workdir", "out"])
 
 
@@ -45,6 +48,7 @@ def main(argv):
         shift=_SHIFT.value,
         first_seed=_SEED.value,
         negative_label=_NEG.value,
+        schedule=_SCHEDULE.value,
     )
     print(f"Wrote {len(rows['seed'])} targets to {_OUT.value}")
 

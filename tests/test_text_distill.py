@@ -187,6 +187,7 @@ def test_precomputed_text_targets_equal_on_the_fly(text_data, text_teacher_run, 
         teacher_steps=3,
         teacher_cfg=2.0,
         teacher_shift=3.0,
+        teacher_schedule="linear",
     )
     assert train(build_task(config), str(tmp_path / "run"))["step"] == 2
 
@@ -275,3 +276,18 @@ def test_custom_variant_takes_the_checkpoints_architecture(text_data, tmp_path):
     assert task.config.model.num_layers == 3
     with pytest.raises(ValueError, match="model_from='init_from' takes the architecture"):
         resolve_model(distill_config(text_data[0], "custom,deterministic"))
+
+
+def test_sd3_teacher_uses_the_pipelines_schedule(text_data):
+    """`configs/sd3_distill.py` solves the teacher ODE on diffusers' sigmas, so targets
+    are the SD3 pipeline's many-step output; an unknown schedule is refused."""
+    from apt_jax.tasks.distill import teacher_sigmas
+
+    config = distill_config(text_data[0])
+    assert config.teacher_schedule == "diffusers"
+    np.testing.assert_array_equal(
+        teacher_sigmas(config), sampling.diffusers_sigmas(config.teacher_steps, 3.0)
+    )
+    config.teacher_schedule = "cosine"
+    with pytest.raises(ValueError, match="teacher_schedule='cosine' is unknown"):
+        build_task(config, check_sources=False)

@@ -75,6 +75,7 @@ def validate(config: ml_collections.ConfigDict, check_sources: bool = True) -> N
     validate_common(config)
     if config.variant not in VARIANTS:
         raise UserError(f"config.variant={config.variant!r} is unknown; use one of {VARIANTS}.")
+    teacher_sigmas(config)  # a known schedule
     if config.targets not in TARGETS:
         raise UserError(f"config.targets={config.targets!r} is unknown; use one of {TARGETS}.")
     if config.variant == "direct" and config.student_steps < 1:
@@ -128,6 +129,7 @@ def _check_targets_file(config) -> None:
         steps, cfg = int(f["teacher_steps"]), float(f["teacher_cfg"])
         target_shape = tuple(f["target"].shape[1:])
         keyed_by_row = "row" in f
+        schedule = str(f["teacher_schedule"]) if "teacher_schedule" in f else "linear"
     if keyed_by_row != (registry.conditioning(config) == "text"):
         kind = "dataset rows (text)" if keyed_by_row else "class labels"
         raise UserError(
@@ -139,6 +141,12 @@ def _check_targets_file(config) -> None:
         raise UserError(
             f"{path} holds targets of shape {target_shape}, but config.data gives samples of "
             f"shape {tuple(shape)}; make the targets from a teacher trained on this data."
+        )
+    if schedule != config.get("teacher_schedule", "linear"):
+        raise UserError(
+            f"{path} holds targets on the {schedule!r} teacher schedule, but the config asks "
+            f"for teacher_schedule={config.get('teacher_schedule', 'linear')!r}; make them "
+            "again with launch/make_targets.py --schedule, or set the config to match."
         )
     if steps != config.teacher_steps or not np.isclose(cfg, config.teacher_cfg):
         raise UserError(
@@ -179,8 +187,23 @@ def _targets_source(config: ml_collections.ConfigDict) -> TargetsSource:
     return TargetsSource(config.targets_path, registry.make_source(config) if text else None)
 
 
+SCHEDULES = ("linear", "diffusers")
+
+
+def schedule_sigmas(schedule: str, steps: int, shift: float) -> np.ndarray:
+    """The teacher's `steps + 1` sigmas: "linear", `shift(linspace(1, 0))`; or
+    "diffusers", `FlowMatchEulerDiscreteScheduler(shift)`'s, so targets are the
+    many-step output a diffusers SD3 pipeline gives for the same noise."""
+    if schedule not in SCHEDULES:
+        raise UserError(f"teacher_schedule={schedule!r} is unknown; use one of {SCHEDULES}.")
+    if schedule == "diffusers":
+        return sampling.diffusers_sigmas(steps, shift)
+    return sampling.shifted_linear_sigmas(steps, shift)
+
+
 def teacher_sigmas(config) -> np.ndarray:
-    return sampling.shifted_linear_sigmas(config.teacher_steps, config.teacher_shift)
+    schedule = config.get("teacher_schedule", "linear")
+    return schedule_sigmas(schedule, config.teacher_steps, config.teacher_shift)
 
 
 def teacher_negative(config: ml_collections.ConfigDict) -> Any:
@@ -350,6 +373,7 @@ def make_targets(
     shift: float = 1.0,
     first_seed: int = 0,
     negative_label: int = -1,
+    schedule: str = "linear",
     chunk: int = 500,
 ) -> dict:
     """Solves the teacher run's ODE for rows `seed = first_seed + i` and writes them.
@@ -359,12 +383,12 @@ def make_targets(
     teachers: rows `row = i mod N` over the teacher's dataset's train split, CFG
     against the dataset's negative prompt; the .npz holds `seed, row, target`.
     Both also hold the settings `teacher_steps`, `teacher_cfg`, `teacher_shift`
-    (DiffSynth keys its rows the same way).
+    and `teacher_schedule` (`schedule_sigmas`; DiffSynth keys its rows the same way).
     """
     task, state, _ = load_run(teacher_workdir)
     gen, config = task.generator, task.config
     image_shape = registry.sample_shape(config)
-    sigmas = sampling.shifted_linear_sigmas(steps, shift)
+    sigmas = schedule_sigmas(schedule, steps, shift)
     text = registry.conditioning(config) == "text"
     negative = registry.negative_condition(config) if text else negative_label
 
@@ -400,6 +424,7 @@ def make_targets(
         teacher_steps=np.int32(steps),
         teacher_cfg=np.float32(cfg_scale),
         teacher_shift=np.float32(shift),
+        teacher_schedule=np.array(schedule),
     )
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     np.savez(out_path, **rows)
