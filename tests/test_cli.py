@@ -173,12 +173,8 @@ def test_missing_flag_and_missing_run_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="apt_jax's config validation still raises ValueError; UserError (the lead's change) "
-    "makes this one line. Remove this marker then.",
-)
 def test_invalid_config_value_is_one_line(tmp_path):
+    # apt_jax's config validation raises UserError.
     out = launch(
         "train.py", "--config", TINY_SFT, "--workdir", tmp_path / "run", "--config.ema_decay=1.5"
     )
