@@ -25,7 +25,8 @@ embedder has no diffusers counterpart and is left out.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The installed apt_jax if there is one (`pip install .` or `-e .`), else this checkout's.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
@@ -138,7 +139,6 @@ def main(argv):
     import jax
 
     jax.config.update("jax_threefry_partitionable", True)
-    logging.set_verbosity(logging.INFO)
     if _TO_DIFFUSERS.value:
         if _DIFFUSERS.value:
             raise app.UsageError("--diffusers is the input of the other direction.")
@@ -158,4 +158,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from apt_jax import cli  # the console, and one line per user error
+
+    cli.run(main, workdir=_WORKDIR)

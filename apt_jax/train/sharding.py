@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from apt_jax.errors import UserError
 from apt_jax.models import axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -50,24 +51,24 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int,
     sizes = {k: v for k, v in sizes.items() if k != "dcn"}
     unknown = set(sizes) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}.")
+        raise UserError(f"config.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}.")
     shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
     fill = [i for i, s in enumerate(shape) if s == -1]
     if len(fill) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(sizes)}.")
+        raise UserError(f"config.mesh: at most one axis may be -1, got {dict(sizes)}.")
     if any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"config.mesh sizes must be positive or -1, got {dict(sizes)}.")
+        raise UserError(f"config.mesh sizes must be positive or -1, got {dict(sizes)}.")
     fixed = int(np.prod([s for s in shape if s != -1]))
     if fill:
         if num_devices % fixed:
-            raise ValueError(
+            raise UserError(
                 f"config.mesh {dict(sizes)}: {num_devices} devices are not divisible by the "
                 f"fixed axes' product {fixed}."
             )
         shape[fill[0]] = num_devices // fixed
     total = int(np.prod(shape))
     if total > num_devices:
-        raise ValueError(
+        raise UserError(
             f"config.mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {total} devices "
             f"but only {num_devices} are available; shrink the mesh or set one axis to -1."
         )
@@ -83,10 +84,10 @@ def resolve_dcn_shape(sizes: Mapping[str, Any]) -> tuple[int, ...]:
     dcn = dict(sizes.get("dcn") or {})
     unknown = set(dcn) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"config.mesh.dcn has unknown axes {sorted(unknown)}; use {MESH_AXES}.")
+        raise UserError(f"config.mesh.dcn has unknown axes {sorted(unknown)}; use {MESH_AXES}.")
     shape = tuple(dcn.get(a, 1) for a in MESH_AXES)
     if not all(isinstance(s, int) and s >= 1 for s in shape):
-        raise ValueError(
+        raise UserError(
             f"config.mesh.dcn sizes must be positive ints (slices per axis), got {dcn}."
         )
     return shape
@@ -119,19 +120,19 @@ def resolve_hybrid_shape(
         counts[getattr(d, attr)] = counts.get(getattr(d, attr), 0) + 1
     what = "slices" if attr == "slice_index" else "processes"
     if int(np.prod(dcn_shape)) != len(counts):
-        raise ValueError(
+        raise UserError(
             f"config.mesh.dcn {dict(zip(MESH_AXES, dcn_shape, strict=True))} spans "
             f"{int(np.prod(dcn_shape))} granules but the job has {len(counts)} {what}; make "
             f"the dcn sizes multiply to {len(counts)}."
         )
     if len(set(counts.values())) != 1:
-        raise ValueError(
+        raise UserError(
             f"The {what} hold unequal device counts {counts}; a hybrid mesh needs equal."
         )
     per_granule = next(iter(counts.values()))
     ici_shape = resolve_mesh_shape(sizes, per_granule)
     if int(np.prod(ici_shape)) != per_granule:
-        raise ValueError(
+        raise UserError(
             f"config.mesh {dict(zip(MESH_AXES, ici_shape, strict=True))} (per slice) uses "
             f"{int(np.prod(ici_shape))} of each granule's {per_granule} devices; a hybrid "
             "mesh must use them all (set one axis to -1)."
@@ -177,7 +178,7 @@ def make_mesh(sizes: Mapping[str, Any], devices: Sequence[jax.Device] | None = N
     devices = list(devices if devices is not None else jax.devices())
     grid = device_grid(sizes, devices)
     if grid.size < len(devices) and len({d.process_index for d in devices}) > 1:
-        raise ValueError(
+        raise UserError(
             f"config.mesh {dict(zip(MESH_AXES, grid.shape, strict=True))} uses {grid.size} "
             f"of the {len(devices)} devices of a multi-process job; every process needs "
             "devices in the mesh: make it use all (set one axis to -1)."
@@ -227,12 +228,12 @@ def check_batch_size(
     """
     div = batch_divisor(mesh)
     if batch_size <= 0 or batch_size % div:
-        raise ValueError(
+        raise UserError(
             f"config.batch_size={batch_size} is not divisible by data x fsdp = {div} "
             f"(mesh {dict(mesh.shape)}); use a multiple of {div}."
         )
     if batch_size % jax.process_count():
-        raise ValueError(
+        raise UserError(
             f"config.batch_size={batch_size} is not divisible by the {jax.process_count()} "
             "processes."
         )
@@ -384,7 +385,7 @@ def check_known_miscompile(
     data, fsdp, tensor = (int(mesh.shape[a]) for a in MESH_AXES)
     batches = _safe_batches(batch_size, mesh, microbatches, platform=platform, **facts)
     batch_fix = f"use batch_size {' or '.join(map(str, batches))}, or " if batches else ""
-    raise ValueError(
+    raise UserError(
         f"batch_size={batch_size} on mesh {dict(mesh.shape)} ({platform}) hits a known XLA "
         f"miscompile ({MISCOMPILE_DOC}): with data > 1 and fsdp == tensor = {tensor}, "
         f"{why}, where XLA's SPMD partitioner computes wrong values. Fix: {batch_fix}"
