@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -112,7 +113,7 @@ class APTDiscriminator:
         params: dict,
         x_t: jax.Array,
         t: jax.Array,
-        labels: jax.Array,
+        cond: Any,
         *,
         attention_implementation: str | None = None,
     ) -> jax.Array:
@@ -122,8 +123,8 @@ class APTDiscriminator:
           params: `{"mmdit", "labels", "heads"}` (unboxed).
           x_t: noised latents `(B, H, W, C)` or `(B, F, H, W, C)`.
           t: flow times `(B,)` in [0, 1] of x_t.
-          labels: int `(B,)` in [0, num_classes], or the text condition
-            `{"context", "pooled"}`.
+          cond: class labels, int `(B,)` in [0, num_classes], or the text
+            condition `{"context", "pooled"}`.
           attention_implementation: an entry of `ATTENTION_IMPLEMENTATIONS`,
             the one kernel of backbone and heads alike; None means
             `config.attention_implementation`. A second derivative (exact R1)
@@ -136,7 +137,7 @@ class APTDiscriminator:
             {k: v for k, v in params.items() if k != "heads"},
             x_t,
             t,
-            labels,
+            cond,
             attention_implementation=attention_implementation,
             return_hidden_states=True,
         )
@@ -165,7 +166,7 @@ class APTDiscriminator:
         self,
         params: dict,
         x: jax.Array,
-        labels: jax.Array,
+        cond: Any,
         rng: jax.Array,
         *,
         shift: float = 1.0,
@@ -180,30 +181,28 @@ class APTDiscriminator:
         Args:
           params: `{"mmdit", "labels", "heads"}`.
           x: clean latents `(B, ...)`.
-          labels: `(B,)` int.
+          cond: as in `logits`.
           rng: PRNG key of the noising (see `noise_input`).
           shift: time shift s of the noising density.
           attention_implementation: as in `logits`.
         """
         x_t, t = self.noise_input(x, rng, shift=shift)
-        return self.logits(
-            params, x_t, t, labels, attention_implementation=attention_implementation
-        )
+        return self.logits(params, x_t, t, cond, attention_implementation=attention_implementation)
 
     def logits_fn(
         self,
         params: dict,
-        labels: jax.Array,
+        cond: Any,
         rng: jax.Array,
         *,
         shift: float = 1.0,
         attention_implementation: str | None = None,
     ) -> Callable[[jax.Array], jax.Array]:
-        """`x -> noised_logits(params, x, labels, rng, ...)`: the R1 interface."""
+        """`x -> noised_logits(params, x, cond, rng, ...)`: the R1 interface."""
         return lambda x: self.noised_logits(
             params,
             x,
-            labels,
+            cond,
             rng,
             shift=shift,
             attention_implementation=attention_implementation,
