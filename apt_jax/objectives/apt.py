@@ -201,7 +201,7 @@ def generator_loss(
     rng: jax.Array,
     *,
     attention_implementation: str | None = None,
-) -> tuple[jax.Array, dict]:
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """G's loss as a function of its samples `fake` `(B, ...)` (differentiate w.r.t. fake).
 
     `real` `(B, ...)` is read only by the relativistic loss (paired by index).
