@@ -49,11 +49,11 @@ def test_which_exceptions_are_user_errors(tmp_path):
 
     assert cli.user_error_message(UserError("set --config.x=1.")) == "set --config.x=1."
     # A FileNotFoundError raised by apt_jax (here: a missing params checkpoint).
-    with pytest.raises(FileNotFoundError) as raised:
+    with pytest.raises(FileNotFoundError, match="missing does not exist") as raised:
         load_params(str(tmp_path / "missing"))
     assert "missing does not exist" in cli.user_error_message(raised.value)
     # One raised inside a library, about a path nobody typed, is a bug: traceback.
-    with pytest.raises(FileNotFoundError) as raised:
+    with pytest.raises(FileNotFoundError, match="elsewhere.npz") as raised:
         np.load(tmp_path / "elsewhere.npz")
     assert cli.user_error_message(raised.value) is None
     assert cli.user_error_message(RuntimeError("bug")) is None
