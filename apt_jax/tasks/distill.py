@@ -96,9 +96,9 @@ def validate(config: ml_collections.ConfigDict, check_sources: bool = True) -> N
     if not check_sources:
         return
     registry.check_on_disk(config, mmdit_config(config))
-    weights.check_start(config, key, "teacher")
-    if config.targets == "precomputed":
+    if config.targets == "precomputed":  # the data's own shapes first: the clearer error
         _check_targets_file(config)
+    weights.check_start(config, key, "teacher")
 
 
 def teacher_key(config: ml_collections.ConfigDict) -> str:
