@@ -1,25 +1,21 @@
-"""Per-device memory of the SD3-medium flow-matching SFT train step, FSDP over 8 devices.
+"""SD3 / SD3.5 recipes compiled for TPU slices: memory, FLOPs, time bound, one row each.
 
-Ahead-of-time compiles the real train step of `configs/sd3_sft.py`
-(`apt_jax.tasks.sft`, built with `build_task(config, check_sources=False)`:
-forward, backward, AdamW update, EMA update; state donated) for the real
-SD3-medium shapes at 1024 px
-(latents 128x128x16, 333 context tokens of width 4096, pooled 2048) on 8
-simulated CPU devices with mesh (data=1, fsdp=8, tensor=1), from abstract
-inputs only (no weight is ever materialised), and prints
-`compiled.memory_analysis()` per device as a Markdown table.
+A thin loop over `apt_jax.plan` (the code behind `launch/compile.py`): for
+every variant x recipe x topology it compiles the recipe's real train step
+with the TPU compiler (libtpu, no TPU: `pip install -r requirements-tpu.txt`)
+at 1024 px (128x128 latents, 333 context tokens) and prints one Markdown row
+per compile. docs/tpu_planning.md holds its tables.
 
-    python benchmarks/sd3_memory.py                      # 24 layers, remat none/full, fp32
-    python benchmarks/sd3_memory.py --compute_dtypes float32,bfloat16
-    python benchmarks/sd3_memory.py --num_layers 2 --latent_size 32   # quick smoke run
-    python benchmarks/sd3_memory.py --lora_ranks 0,16 --remat_policies full   # full vs LoRA
+    python benchmarks/sd3_memory.py --variants sd3-medium --recipes sft,apt-approx,apt-exact \
+        --topologies v5e-16,v5p-8 --find_batch --json rows.json
+    python benchmarks/sd3_memory.py --from_json rows.json        # the table again, no compile
+    python benchmarks/sd3_memory.py --recipes sft --topologies v5e-16 \
+        --set model.remat_policy=dots --batch_per_replica 2
 
-`--lora_ranks`: 0 trains every weight; r > 0 trains rank-r adapters on the
-joint attention's projections (`--lora_targets`), base frozen (`apt_jax.lora`).
-
-The numbers are XLA:CPU's buffer assignment; GPU/TPU compilers schedule and
-fuse differently (and may use fused attention), so read them as estimates of
-the accelerator footprint, not as exact figures.
+Recipes: sft, sft-lora (configs/sd3_sft*.py), apt-approx, apt-exact,
+apt-none (configs/sd3_apt.py with that `r1_mode`), apt-lora. `--set KEY=VALUE`
+overrides a config key in every row (values are read as Python literals when
+they parse, else as strings).
 """
 
 from __future__ import annotations
@@ -27,139 +23,152 @@ from __future__ import annotations
 import os
 import sys
 
-# 8 simulated devices: must be set before JAX starts its backend.
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from apt_jax.plan import topology  # noqa: E402  (imports no JAX)
+
+topology.prepare_environment()  # before JAX starts: compile on the CPU, quietly
+
 import argparse  # noqa: E402
+import ast  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 
-import jax  # noqa: E402
-
-from apt_jax.models import param_count  # noqa: E402
-from apt_jax.tasks import build_task  # noqa: E402
-from configs import sd3_sft  # noqa: E402
-
+RECIPES = {
+    "sft": ("sd3_sft", {}),
+    "sft-lora": ("sd3_sft_lora", {}),
+    "apt-approx": ("sd3_apt", {"r1_mode": "approx"}),
+    "apt-exact": ("sd3_apt", {"r1_mode": "exact"}),
+    "apt-none": ("sd3_apt", {"r1_mode": "none"}),
+    "apt-lora": ("sd3_apt_lora", {}),
+}
 GiB = 2**30
 
 
-def sft_config(args, remat_policy: str, compute_dtype: str, lora_rank: int):
-    """`configs/sd3_sft.py:sd3-medium` at the benchmark's sizes, on (data=1, fsdp=8)."""
-    config = sd3_sft.get_config("sd3-medium")
-    config.model.num_layers = args.num_layers
-    config.model.remat_policy = remat_policy
-    config.model.dtype = compute_dtype
-    config.model.param_dtype = args.param_dtype
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 8, 1
-    config.batch_size = args.batch_per_device * 8
-    # Batch shapes from the config alone: no dataset is opened.
-    config.data.latent_size = args.latent_size
-    config.data.context_length = args.context_len
-    config.data.data_dir, config.data.dataset = "unused", "unused"
-    if lora_rank:
-        config.lora.rank = config.lora.alpha = lora_rank
-        config.lora.target_modules = args.lora_targets
-        config.init_from = "abstract"  # LoRA needs a base; nothing is read when compiling
+def row_config(variant: str, recipe: str, overrides: dict):
+    """The recipe's config for `variant`, with `overrides` (dotted keys) applied."""
+    from apt_jax.cli import load_config
+
+    if recipe not in RECIPES:
+        raise SystemExit(
+            f"Unknown recipe {recipe!r}; use one of {sorted(RECIPES)} (an SD3 distillation "
+            "config, configs/sd3_distill.py, does not exist yet)."
+        )
+    name, own = RECIPES[recipe]
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    config = load_config(os.path.join(path, f"{name}.py"), variant)
+    for key, value in {**own, **overrides}.items():
+        node = config
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
     return config
 
 
-def measure(args, remat_policy: str, compute_dtype: str, lora_rank: int = 0) -> dict:
-    """Compiles the real `apt_jax.tasks.sft` step from abstract inputs; its memory."""
-    config = sft_config(args, remat_policy, compute_dtype, lora_rank)
-    task = build_task(config, check_sources=False)
-    state = task.abstract_state
-    t0 = time.perf_counter()
-    lowered = task.train_step.lower(state, task.abstract_batch, task.abstract_rng())
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    mem = compiled.memory_analysis()
-    arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
-    alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-    return dict(
-        remat=remat_policy,
-        param_dtype=args.param_dtype,
-        compute_dtype=compute_dtype,
-        num_layers=args.num_layers,
-        params=param_count(state.base if lora_rank else state.params),
-        lora_rank=lora_rank,
-        trained=param_count(state.params),
-        argument=arg,
-        output=out,
-        alias=alias,
-        temp=temp,
-        # Donated outputs reuse their argument buffers.
-        total=arg + out - alias + temp,
-        lower_s=t1 - t0,
-        compile_s=t2 - t1,
-    )
+def measure(variant: str, recipe: str, slice_, overrides: dict, args) -> dict:
+    """One row: a compile at `--batch_per_replica`, or the batch search's best."""
+    from apt_jax.plan import analysis, find_batch
+    from apt_jax.train import sharding
+
+    base = row_config(variant, recipe, overrides)
+    sized, _ = analysis.compile_config(base, slice_)
+    divisor = sharding.batch_divisor(sharding.make_mesh(sized.mesh, devices=slice_.devices))
+
+    def compile_at(per_replica: int):
+        config = base.copy_and_resolve_references()
+        config.batch_size = per_replica * divisor
+        p = analysis.plan(config, slice_)
+        print(
+            f"  {variant} {recipe} {slice_.label} batch {per_replica}/replica: "
+            f"{p.total_bytes / GiB:.2f} GiB ({'fits' if p.fits else 'does not fit'}; "
+            f"compiled in {p.compile_s:.0f} s)",
+            flush=True,
+        )
+        return p
+
+    if args.find_batch:
+        search = find_batch.find_batch(compile_at, args.max_batch)
+        best = search.best or search.tried[0]
+        tried = [p.per_replica_batch for p in search.tried]
+    else:
+        best, tried = compile_at(args.batch_per_replica), [args.batch_per_replica]
+    row = best.to_json()
+    row.update(variant=variant, recipe=recipe, overrides=overrides, batches_tried=tried)
+    row["remat_policy"] = base.model.remat_policy
+    row["largest_fits"] = bool(args.find_batch and best.fits)
+    return row
 
 
-def markdown(rows: list[dict], args) -> str:
-    tokens = (args.latent_size // 2) ** 2
+def _f(x, scale, digits=2):
+    return "-" if x is None else f"{x / scale:.{digits}f}"
+
+
+def markdown(rows: list[dict]) -> str:
     lines = [
-        f"SD3-medium SFT step, {rows[0]['num_layers']} layers "
-        f"({rows[0]['params'] / 1e9:.3f} B params), mesh data=1 fsdp=8 tensor=1, "
-        f"batch {args.batch_per_device}/device, latents {args.latent_size}x{args.latent_size}x16 "
-        f"({tokens} image + {args.context_len} text tokens), AdamW + EMA, XLA:CPU "
-        "memory_analysis per device (GiB):",
-        "",
-        "| trained | remat | params | compute | arguments | outputs | aliased | temp | total "
-        "| compile s |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | recipe | remat | topology | chips | batch / chip | global | arguments "
+        "| temp | total | HBM | fits | TFLOP / chip | model / step FLOPs | step bound s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
-        trained = (
-            f"LoRA r={r['lora_rank']} ({r['trained'] / 1e6:.1f} M)" if r["lora_rank"] else "all"
-        )
+        batch = f"{r['per_replica_batch']}" + (" (max)" if r.get("largest_fits") else "")
+        ratio = r.get("model_flops_ratio")
         lines.append(
-            f"| {trained} | {r['remat']} | {r['param_dtype']} | {r['compute_dtype']} "
-            f"| {r['argument'] / GiB:.2f} | {r['output'] / GiB:.2f} | {r['alias'] / GiB:.2f} "
-            f"| {r['temp'] / GiB:.2f} | {r['total'] / GiB:.2f} "
-            f"| {r['lower_s'] + r['compile_s']:.0f} |"
+            f"| {r['variant']} | {r['recipe']} | {r['remat_policy']} | {r['topology']} "
+            f"| {r['chips']} | {batch} | {r['batch_size']} | {_f(r['argument_bytes'], GiB)} "
+            f"| {_f(r['temp_bytes'], GiB)} | {_f(r['total_bytes'], GiB)} "
+            f"| {_f(r['hbm_bytes'], GiB, 1)} | {'yes' if r['fits'] else 'no'} "
+            f"| {_f(r['flops_per_chip'], 1e12, 1)} | {'-' if ratio is None else f'{ratio:.2f}'} "
+            f"| {_f(r['step_time_bound_s'], 1, 3)} |"
         )
-    lines.append("")
-    lines.append("total = arguments + outputs - aliased (donated state) + temp.")
+    lines += [
+        "",
+        "Per chip: GiB from the TPU compiler's memory_analysis(); total = arguments + "
+        "outputs - aliased (donated state) + temp. TFLOP / chip: the compiled step, loops "
+        "counted in full. Step bound: roofline lower bound, max(FLOPs / peak bf16, bytes / "
+        "HBM bandwidth), not a measurement.",
+    ]
     return "\n".join(lines)
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num_layers", type=int, default=24)
-    parser.add_argument("--remat_policies", default="none,full")
-    parser.add_argument("--compute_dtypes", default="float32")
-    parser.add_argument("--param_dtype", default="float32")
-    parser.add_argument("--batch_per_device", type=int, default=1)
-    parser.add_argument("--latent_size", type=int, default=128)
-    parser.add_argument("--context_len", type=int, default=333)
-    parser.add_argument("--lora_ranks", default="0", help="0: all weights; r: LoRA rank r.")
-    parser.add_argument("--lora_targets", default="to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj")
-    parser.add_argument("--json", default=None, help="Also write the rows to this file.")
+    parser.add_argument("--variants", default="sd3-medium")
+    parser.add_argument("--recipes", default="sft")
+    parser.add_argument("--topologies", default="v5e-16")
+    parser.add_argument("--num_slices", type=int, default=1)
+    parser.add_argument("--batch_per_replica", type=int, default=1)
+    parser.add_argument("--find_batch", action="store_true")
+    parser.add_argument("--max_batch", type=int, default=4096)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json", default=None, help="Write (append to) the rows in this file.")
+    parser.add_argument("--from_json", default=None, help="Print the table of saved rows.")
     args = parser.parse_args()
-    jax.config.update("jax_threefry_partitionable", True)
-    if jax.device_count() < 8:
-        raise SystemExit(f"Need 8 devices, have {jax.device_count()}; check XLA_FLAGS.")
-
+    if args.from_json:
+        with open(args.from_json) as f:
+            print(markdown(json.load(f)))
+        return
+    overrides = dict((k, _literal(v)) for k, v in (s.split("=", 1) for s in args.set))
     rows = []
-    for dtype in args.compute_dtypes.split(","):
-        for policy, rank in [
-            (p, int(r)) for p in args.remat_policies.split(",") for r in args.lora_ranks.split(",")
-        ]:
-            row = measure(args, policy, dtype, rank)
-            print(
-                f"remat={policy} compute={dtype} lora={rank}: temp {row['temp'] / GiB:.2f} GiB, "
-                f"total {row['total'] / GiB:.2f} GiB (compiled in {row['compile_s']:.0f} s)",
-                flush=True,
-            )
-            rows.append(row)
+    if args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            rows = json.load(f)
+    for name in args.topologies.split(","):
+        slice_ = topology.topology(name, args.num_slices)
+        for variant in args.variants.split(","):
+            for recipe in args.recipes.split(","):
+                rows.append(measure(variant, recipe, slice_, overrides, args))
+                if args.json:  # after every row: a long matrix keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump(rows, f, indent=2)
     print()
-    print(markdown(rows, args))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    print(markdown(rows))
 
 
 if __name__ == "__main__":
