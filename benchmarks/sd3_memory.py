@@ -12,8 +12,9 @@ per compile. docs/tpu_planning.md holds its tables.
     python benchmarks/sd3_memory.py --recipes sft --topologies v5e-16 \
         --set model.remat_policy=dots --batch_per_replica 2
 
-Recipes: sft, sft-lora (configs/sd3_sft*.py), apt-approx, apt-exact,
-apt-none (configs/sd3_apt.py with that `r1_mode`), apt-lora. `--set KEY=VALUE`
+Recipes: sft, sft-lora (configs/sd3_sft*.py), distill-deterministic,
+distill-direct (configs/sd3_distill.py), apt-approx, apt-exact, apt-none
+(configs/sd3_apt.py with that `r1_mode`), apt-lora. `--set KEY=VALUE`
 overrides a config key in every row (values are read as Python literals when
 they parse, else as strings).
 """
@@ -33,13 +34,16 @@ import argparse  # noqa: E402
 import ast  # noqa: E402
 import json  # noqa: E402
 
+# recipe -> (config file, variant suffix, overrides)
 RECIPES = {
-    "sft": ("sd3_sft", {}),
-    "sft-lora": ("sd3_sft_lora", {}),
-    "apt-approx": ("sd3_apt", {"r1_mode": "approx"}),
-    "apt-exact": ("sd3_apt", {"r1_mode": "exact"}),
-    "apt-none": ("sd3_apt", {"r1_mode": "none"}),
-    "apt-lora": ("sd3_apt_lora", {}),
+    "sft": ("sd3_sft", "", {}),
+    "sft-lora": ("sd3_sft_lora", "", {}),
+    "distill-deterministic": ("sd3_distill", ",deterministic", {}),
+    "distill-direct": ("sd3_distill", ",direct", {}),
+    "apt-approx": ("sd3_apt", "", {"r1_mode": "approx"}),
+    "apt-exact": ("sd3_apt", "", {"r1_mode": "exact"}),
+    "apt-none": ("sd3_apt", "", {"r1_mode": "none"}),
+    "apt-lora": ("sd3_apt_lora", "", {}),
 }
 GiB = 2**30
 
@@ -49,13 +53,10 @@ def row_config(variant: str, recipe: str, overrides: dict):
     from apt_jax.cli import load_config
 
     if recipe not in RECIPES:
-        raise SystemExit(
-            f"Unknown recipe {recipe!r}; use one of {sorted(RECIPES)} (an SD3 distillation "
-            "config, configs/sd3_distill.py, does not exist yet)."
-        )
-    name, own = RECIPES[recipe]
+        raise SystemExit(f"Unknown recipe {recipe!r}; use one of {sorted(RECIPES)}.")
+    name, suffix, own = RECIPES[recipe]
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    config = load_config(os.path.join(path, f"{name}.py"), variant)
+    config = load_config(os.path.join(path, f"{name}.py"), variant + suffix)
     for key, value in {**own, **overrides}.items():
         node = config
         *parents, last = key.split(".")
@@ -112,20 +113,25 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         batch = f"{r['per_replica_batch']}" + (" (max)" if r.get("largest_fits") else "")
         ratio = r.get("model_flops_ratio")
+        layers = (r.get("overrides") or {}).get("model.num_layers")
+        model = r["variant"] + (f" ({layers} layers)" if layers else "")
+        bound = _f(r["step_time_bound_s"], 1, 3)
+        if r.get("bound_by"):
+            bound += f" ({r['bound_by'][:3]})"
         lines.append(
-            f"| {r['variant']} | {r['recipe']} | {r['remat_policy']} | {r['topology']} "
+            f"| {model} | {r['recipe']} | {r['remat_policy']} | {r['topology']} "
             f"| {r['chips']} | {batch} | {r['batch_size']} | {_f(r['argument_bytes'], GiB)} "
             f"| {_f(r['temp_bytes'], GiB)} | {_f(r['total_bytes'], GiB)} "
             f"| {_f(r['hbm_bytes'], GiB, 1)} | {'yes' if r['fits'] else 'no'} "
             f"| {_f(r['flops_per_chip'], 1e12, 1)} | {'-' if ratio is None else f'{ratio:.2f}'} "
-            f"| {_f(r['step_time_bound_s'], 1, 3)} |"
+            f"| {bound} |"
         )
     lines += [
         "",
         "Per chip: GiB from the TPU compiler's memory_analysis(); total = arguments + "
         "outputs - aliased (donated state) + temp. TFLOP / chip: the compiled step, loops "
         "counted in full. Step bound: roofline lower bound, max(FLOPs / peak bf16, bytes / "
-        "HBM bandwidth), not a measurement.",
+        "HBM bandwidth), not a measurement; (com) / (mem): which term sets it.",
     ]
     return "\n".join(lines)
 

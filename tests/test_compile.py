@@ -217,6 +217,7 @@ RECIPES = {
     "sft-remat-dots": ("sd3_sft", "test", {"model.remat_policy": "dots"}),
     "sft-remat-dots_no_batch": ("sd3_sft", "test", {"model.remat_policy": "dots_no_batch"}),
     "distill-deterministic": ("digits_distill", "deterministic,tiny", {}),
+    "distill-deterministic-text": ("sd3_distill", "test,deterministic", {}),
     "distill-direct": ("digits_distill", "direct,tiny", {}),
     "apt-r1-approx": ("sd3_apt", "test", {"r1_mode": "approx"}),
     "apt-r1-exact": ("sd3_apt", "test", {"r1_mode": "exact"}),
