@@ -118,9 +118,10 @@ def discriminator_optimizer(
     return optax.chain(tx, optax.stateless(scale_heads))
 
 
-def sources(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
-    """Where D's backbone ("teacher") and G start: `(kind, config key)`, kind "run"
-    (a workdir; its served weights) or "checkpoint" (a converted params checkpoint).
+def sources(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """The config keys naming where D's backbone ("teacher") and G start: a
+    `*_workdir` key a run (its served weights), an `*init_from` key a converted
+    params checkpoint (`weights.is_checkpoint_key`).
 
     Raises:
       ValueError: two sources given for one network, or converted checkpoints
@@ -135,15 +136,15 @@ def sources(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
         raise UserError(
             "config.generator_init_from and config.generator_workdir both name G; set one."
         )
-    teacher = ("checkpoint", "init_from") if init_from else ("run", "teacher_workdir")
+    teacher = "init_from" if init_from else "teacher_workdir"
     if gen_init:
-        generator = ("checkpoint", "generator_init_from")
+        generator = "generator_init_from"
     elif init_from and not config.generator_workdir:
-        generator = ("checkpoint", "init_from")
+        generator = "init_from"
     else:
-        generator = ("run", "generator_workdir")
+        generator = "generator_workdir"
     found = {"teacher": teacher, "generator": generator}
-    from_checkpoint = any(kind == "checkpoint" for kind, _ in found.values())
+    from_checkpoint = any(weights.is_checkpoint_key(key) for key in found.values())
     if registry.conditioning(config) == "class" and from_checkpoint:
         raise UserError(
             "Converted checkpoints (config.init_from / generator_init_from) start text-"
@@ -170,7 +171,7 @@ def validate(config: ml_collections.ConfigDict, check_sources: bool = True) -> N
     found = sources(config)
     if check_sources:
         registry.check_on_disk(config, mmdit_config(config))
-        for what, (_, key) in found.items():
+        for what, key in found.items():
             weights.check_start(config, key, what)
 
 
@@ -301,7 +302,7 @@ def build(config: ml_collections.ConfigDict, mesh=None, *, check_sources: bool =
         """G and D's backbone from their `sources` (`weights.load_start`); one
         converted checkpoint that starts both is read once."""
         mmdit_abstract = weights.trained_mmdit(state_abstract["generator"])
-        keys = {role: key for role, (_, key) in sources(config).items()}
+        keys = sources(config)
         loaded: dict[str, Any] = {}
         for key in keys.values():
             if key not in loaded:

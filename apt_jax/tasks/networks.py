@@ -42,7 +42,8 @@ def check_batch_and_mesh(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     mesh and batch are not ones XLA is known to miscompile for this model
     (`sharding.known_miscompile`, docs/miscompile.md); raises before compiling."""
     model = mmdit_config(config)
-    example = registry.example_spec(config)
+    example = registry.example_spec(config)  # once: a latents dataset's metadata is read
+    sample_shape, _ = example[registry.dataset(config).x_key]
     text = registry.conditioning(config) == "text"
     context = example["context"][0][0] if text else config.context_tokens
     accumulation = config.get("optimizer", {}).get("accumulation_steps", 1)
@@ -50,9 +51,7 @@ def check_batch_and_mesh(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         config.batch_size,
         mesh,
         width=model.inner_dim,
-        tokens_per_example=sharding.mmdit_token_streams(
-            model, registry.sample_shape(config), context
-        ),
+        tokens_per_example=sharding.mmdit_token_streams(model, sample_shape, context),
         rules=config.logical_axis_rules,
         microbatches=accumulation,
     )

@@ -55,15 +55,17 @@ def build_task(config: ml_collections.ConfigDict, mesh=None, *, check_sources: b
     return _BUILDERS[config.task](resolve_model(config), mesh, check_sources=check_sources)
 
 
-# MMDiTConfig fields that say how the network runs, which the run's config keeps
-# when the architecture comes from a checkpoint (`resolve_model`).
-RUNTIME_FIELDS = ("scan_layers", "remat_policy", "attention_implementation", "dtype", "param_dtype")
+# MMDiTConfig fields that say how the network runs, not what it is.
+RUNTIME_FIELDS = ("remat_policy", "attention_implementation", "dtype")
+# What a run's own config keeps when the architecture comes from a checkpoint
+# (`resolve_model`): how it runs, lays out (scan) and stores its weights.
+RUN_OWN_FIELDS = (*RUNTIME_FIELDS, "scan_layers", "param_dtype")
 
 
 def resolve_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config` with `config.model`'s architecture read from the converted checkpoint
     that `config.model_from` names (a config key, e.g. "init_from"), the run's
-    own runtime fields kept (`RUNTIME_FIELDS`); unchanged when `model_from` is
+    own fields kept (`RUN_OWN_FIELDS`); unchanged when `model_from` is
     empty. The copy's `model_from` is cleared, so the run's stored config
     describes its model without the checkpoint.
 
@@ -83,7 +85,7 @@ def resolve_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
         theirs = read_mmdit_config(path).to_dict()
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"config.{key}={path!r} (config.model_from): {e}") from e
-    model = {**theirs, **{k: config.model[k] for k in RUNTIME_FIELDS}}
+    model = {**theirs, **{k: config.model[k] for k in RUN_OWN_FIELDS}}
     resolved = ml_collections.ConfigDict(config.to_dict())
     resolved.model = ml_collections.ConfigDict(model)
     resolved.model_from = ""

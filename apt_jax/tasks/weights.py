@@ -28,7 +28,7 @@ from apt_jax.data import registry
 from apt_jax.errors import UserError
 from apt_jax.lora import LoRA
 from apt_jax.paths import as_path
-from apt_jax.tasks.runs import load_run
+from apt_jax.tasks.runs import RUNTIME_FIELDS, load_run
 from apt_jax.train.checkpoint import read_config
 from apt_jax.train.config import mmdit_config
 from apt_jax.train.lora_state import LoRATrainState
@@ -37,13 +37,12 @@ from apt_jax.train.state import TrainState
 # Config keys naming a converted checkpoint; every other source key names a run.
 CHECKPOINT_KEYS = ("init_from", "generator_init_from")
 
-# MMDiTConfig fields that only say how the network runs; a source may differ in
-# them. A converted checkpoint may also differ in its stored dtype (cast on
-# restore), but not in its layer layout; a run's layout (scanned or not) is
-# its own task's business, its parameter dtype is not.
-_RUNTIME_FIELDS = ("remat_policy", "attention_implementation", "dtype")
-_FREE_VS_CHECKPOINT = (*_RUNTIME_FIELDS, "param_dtype")
-_FREE_VS_RUN = (*_RUNTIME_FIELDS, "scan_layers")
+# A source may differ from the run in how the network runs (`RUNTIME_FIELDS`). A
+# converted checkpoint may also differ in its stored dtype (cast on restore), but
+# not in its layer layout; a run's layout (scanned or not) is its own task's
+# business, its parameter dtype is not.
+_FREE_VS_CHECKPOINT = (*RUNTIME_FIELDS, "param_dtype")
+_FREE_VS_RUN = (*RUNTIME_FIELDS, "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
