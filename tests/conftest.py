@@ -62,3 +62,23 @@ def teacher_dir(tmp_path_factory):
     config.eval.grid_rows = 2
     train(build_task(config), str(workdir))
     return str(workdir)
+
+
+# The tiny SD3 pipeline's tests (tests/tiny_sd3.py: test_encode, test_sd3_end_to_end).
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """torch on one thread for a module: the test machine's cores are shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """A tiny random StableDiffusion3Pipeline folder, saved offline (tests/tiny_sd3.py)."""
+    import tiny_sd3
+
+    return tiny_sd3.save_tiny_sd3(str(tmp_path_factory.mktemp("tiny_sd3")))

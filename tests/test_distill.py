@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from apt_jax import sampling
+from apt_jax.data.registry import moving_digits_data_config
 from apt_jax.objectives.distill import direct_distill_loss, noise_from_seeds, teacher_solution
 from apt_jax.tasks import build_task
-from apt_jax.tasks.networks import make_generator
 from apt_jax.tasks.distill import make_targets
+from apt_jax.tasks.networks import make_generator
 from apt_jax.tasks.runs import load_run
 from apt_jax.train import sharding
-from apt_jax.data.registry import moving_digits_data_config
 from apt_jax.train.config import model_config
 from apt_jax.train.loop import train
 from configs import digits_distill

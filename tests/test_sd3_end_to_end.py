@@ -74,17 +74,8 @@ ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    return tiny_sd3.save_tiny_sd3(str(tmp_path_factory.mktemp("tiny_sd3")))
+# torch on one thread (conftest's single_torch_thread); conftest also gives pipeline_dir.
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
