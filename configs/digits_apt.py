@@ -58,6 +58,8 @@ def get_config(variant: str = ""):
     c.d_timestep_shift = 0.3
     c.d_head_layers = ()  # () -> default_head_layers(depth)
 
+    # D alone against the frozen student for this many of the total_steps first.
+    c.discriminator_warmup_steps = 0
     c.total_steps = 400
     c.batch_size = 128
     c.checkpoint_every = 100

@@ -73,6 +73,7 @@ def get_config(variant: str = "sd3-medium"):
     c.d_timestep_shift = 1.0
     c.d_head_layers = ()  # () -> default_head_layers(depth): 16/36, 26/36, 36/36
 
+    c.discriminator_warmup_steps = 0  # the paper's D and G start together
     c.total_steps = 350
     c.batch_size = 256
     c.checkpoint_every = 50

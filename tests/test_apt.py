@@ -215,6 +215,35 @@ def test_step_updates_d_then_g_through_the_updated_d(exact_tasks, batch):
     assert set(metrics) >= {"d_loss", "g_loss", "r1", "d_accuracy", "real_logits"}
 
 
+def test_discriminator_warmup_updates_d_alone_then_both(teacher_dir, batch):
+    """Warm-up steps update D as the joint step does and leave G's whole state as it
+    was; after them G updates (its own count starting at 0)."""
+    joint = one_device(apt_config(teacher_dir))
+    warm = one_device(apt_config(teacher_dir, discriminator_warmup_steps=2))
+    global_batch = sharding.make_global_batch(batch, warm.mesh)
+    rng = jax.random.key(4)
+    start = warm.init_state(jax.random.key(0))
+    g0 = jax.tree.map(np.asarray, start["generator"])
+    want, _ = joint.train_step(joint.init_state(jax.random.key(0)), global_batch, rng)
+    want_d = jax.tree.map(np.asarray, want["discriminator"].params)
+
+    state, metrics = warm.train_step(start, global_batch, rng)
+    for a, b in zip(jax.tree.leaves(state["discriminator"].params), jax.tree.leaves(want_d)):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(state["generator"]), jax.tree.leaves(g0), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert float(metrics["g_grad_norm"]) == 0 and np.isfinite(float(metrics["g_loss"]))
+
+    state, _ = warm.train_step(state, global_batch, rng)
+    assert int(state["generator"].step) == 0 and int(state["discriminator"].step) == 2
+    state, metrics = warm.train_step(state, global_batch, rng)
+    assert int(state["generator"].step) == 1 and float(metrics["g_grad_norm"]) > 0
+    moved = jax.tree.map(
+        lambda a, b: np.abs(np.asarray(a) - b).max(), state["generator"].params, g0.params
+    )
+    assert max(jax.tree.leaves(moved)) > 0
+
+
 def test_exact_r1_step_sharded_equals_single_device(exact_tasks, batch):
     rng = jax.random.key(3)
     finals = []
@@ -262,6 +291,7 @@ def test_resume_equals_uninterrupted_run(exact_tasks, tmp_path):
         (dict(teacher_workdir="/nonexistent"), "holds no checkpoints"),
         ({"model.num_layers": 3}, r"model.num_layers: 2 \(teacher\) vs 3"),
         ({"discriminator_optimizer.head_lr_multiplier": 0.0}, "head_lr_multiplier=0.0 must be"),
+        (dict(discriminator_warmup_steps=4), r"discriminator_warmup_steps=4 must be .* \[0, "),
     ],
 )
 def test_bad_configs_fail_before_compiling(teacher_dir, monkeypatch, overrides, message):

@@ -21,6 +21,12 @@ G forward and one G backward, not two forwards. The price is that G's
 activations stay alive through D's update (use `model.remat_policy` when
 memory is short).
 
+D warm-up (`config.discriminator_warmup_steps = W`, default 0): the first W
+steps update D alone against the frozen student (G's forward, no pullback, no
+G update), so that D has left chance before G starts to chase it; G then makes
+`total_steps - W` updates. One jitted program holds both (`lax.cond` on D's
+step count), so a resumed run picks the phase from its state.
+
 The generated batch takes the real batch's conditions (sample i of each has
 the same class or caption), which is what the relativistic loss pairs.
 
@@ -168,6 +174,12 @@ def validate(config: ml_collections.ConfigDict, check_sources: bool = True) -> N
                 f"config.{role}_optimizer.accumulation_steps must be 1: the APT step updates "
                 "D and G once each per batch. Lower config.batch_size or add devices instead."
             )
+    warmup = config.get("discriminator_warmup_steps", 0)
+    if not isinstance(warmup, int) or not 0 <= warmup < config.total_steps:
+        raise UserError(
+            f"config.discriminator_warmup_steps={warmup!r} must be an integer in "
+            f"[0, total_steps={config.total_steps}): D's updates before G's first."
+        )
     found = sources(config)
     if check_sources:
         registry.check_on_disk(config, mmdit_config(config))
@@ -183,7 +195,10 @@ class APTStep:
     `batch` is a dataset's batch (`registry.split_batch` gives `(x, cond)`:
     `{"image": (B, ...), "label": (B,)}` for digits); `state` is
     `{"generator": TrainState, "discriminator": TrainState}`. The key of step n
-    is `step_rngs(rng, n)` (n = G's update count).
+    is `step_rngs(rng, n)` (n = D's update count, the loop's step).
+
+    `discriminator_warmup`: the first that many steps update D alone against
+    the frozen G (`warmup_step`); G's first update is the step after.
     """
 
     gen: Generator
@@ -194,6 +209,7 @@ class APTStep:
     ema_decay: float
     ema_warmup: bool = True
     attention_implementation: str | None = None
+    discriminator_warmup: int = 0
 
     def generate(self, g_params, z, cond):
         """`G(z, c) = z - v(z, 1, c)`, `(B, ...)`."""
@@ -218,35 +234,63 @@ class APTStep:
         metrics["d_grad_norm"] = optax.tree.norm(grads)
         return apply_gradients(d, grads, self.d_tx, ema_decay=0.0), metrics  # no EMA kept
 
-    def __call__(self, state, batch, rng):
+    def _inputs(self, state, batch, rng):
         g, d = state["generator"], state["discriminator"]
-        r_z, r_d, r_g = step_rngs(rng, g.step)
+        # D updates every step (G not in its warm-up), so its count is the step's.
+        r_z, r_d, r_g = step_rngs(rng, d.step)
         real, cond = registry.split_batch(batch)  # class labels or text embeddings
         z = jax.random.normal(r_z, real.shape, real.dtype)
+        return g, d, real, cond, z, r_d, r_g
 
-        # 1. G's samples and their pullback.
-        fake, g_pullback = jax.vjp(lambda p: self.generate(model_params(g, p), z, cond), g.params)
-        # 2. D update.
-        new_d, metrics = self.discriminator_update(d, real, fake, cond, r_d)
+    def _generator_loss(self, d, real, cond, rng):
+        """`x_hat -> (G's loss, metrics)` through D's TrainState `d`."""
 
-        # 3. G update through the updated D.
         def g_loss(x_hat):
             return generator_loss(
                 self.disc,
                 self.settings,
-                model_params(new_d),
+                model_params(d),
                 x_hat,
                 real,
                 cond,
-                r_g,
+                rng,
                 attention_implementation=self.attention_implementation,
             )
 
+        return g_loss
+
+    def joint_step(self, state, batch, rng):
+        """One D update, then one G update through the updated D."""
+        g, d, real, cond, z, r_d, r_g = self._inputs(state, batch, rng)
+        # 1. G's samples and their pullback.
+        fake, g_pullback = jax.vjp(lambda p: self.generate(model_params(g, p), z, cond), g.params)
+        # 2. D update.
+        new_d, metrics = self.discriminator_update(d, real, fake, cond, r_d)
+        # 3. G update through the updated D.
+        g_loss = self._generator_loss(new_d, real, cond, r_g)
         fake_grad, g_metrics = jax.grad(g_loss, has_aux=True)(fake)
         (g_grads,) = g_pullback(fake_grad)
         new_g = apply_gradients(g, g_grads, self.g_tx, self.ema_decay, self.ema_warmup)
         metrics.update(g_metrics, g_grad_norm=optax.tree.norm(g_grads), fake_std=jnp.std(fake))
         return {"generator": new_g, "discriminator": new_d}, metrics
+
+    def warmup_step(self, state, batch, rng):
+        """D's update alone: G's samples without their pullback, G's state as it
+        was. G's loss is still reported (forward only, through the updated D),
+        its gradient norm as 0, so the metrics match `joint_step`'s."""
+        g, d, real, cond, z, r_d, r_g = self._inputs(state, batch, rng)
+        fake = self.generate(model_params(g), z, cond)
+        new_d, metrics = self.discriminator_update(d, real, fake, cond, r_d)
+        _, g_metrics = self._generator_loss(new_d, real, cond, r_g)(fake)
+        g_grad_norm = jnp.zeros((), jnp.float32)
+        metrics.update(g_metrics, g_grad_norm=g_grad_norm, fake_std=jnp.std(fake))
+        return {"generator": g, "discriminator": new_d}, metrics
+
+    def __call__(self, state, batch, rng):
+        if not self.discriminator_warmup:
+            return self.joint_step(state, batch, rng)
+        warming = state["discriminator"].step < self.discriminator_warmup
+        return jax.lax.cond(warming, self.warmup_step, self.joint_step, state, batch, rng)
 
 
 @register("apt")
@@ -321,6 +365,7 @@ def build(config: ml_collections.ConfigDict, mesh=None, *, check_sources: bool =
         config.ema_decay,
         config.ema_warmup,
         config.model.attention_implementation,
+        config.get("discriminator_warmup_steps", 0),
     )
 
     def train_step(state, batch, rng):
