@@ -309,11 +309,13 @@ def test_images_to_a_one_step_sd3_that_diffusers_runs(
     distill_one = generate(with_transformer(pipeline_dir, distilled), TRAIN_PROMPTS, z, 1, 1.0)
     student = with_transformer(pipeline_dir, final)
     apt_one = generate(student, TRAIN_PROMPTS, z, 1, 1.0)
-    # apt_jax's teacher targets use shifted linspace(1, 0, N + 1) sigmas, diffusers' N steps
-    # another grid (diffusers_sigmas): the gap between the two is a floor under the
-    # student's distance. `sigmas=` is shifted by the scheduler, so pass the unshifted grid.
+    # The recipe's targets solve the teacher ODE on diffusers' own sigmas
+    # (teacher_schedule="diffusers"); for comparison, the same 8 steps on the shifted
+    # linspace(1, 0, N + 1) grid that teacher_schedule="linear" would distil. `sigmas=` is
+    # shifted by the scheduler, so pass the unshifted grid.
+    assert config.teacher_schedule == "diffusers"
     with torch.no_grad():
-        same_grid = pipe(
+        linear_grid = pipe(
             list(TRAIN_PROMPTS),
             height=R,
             width=R,
@@ -335,9 +337,10 @@ def test_images_to_a_one_step_sd3_that_diffusers_runs(
         f"\nRMS to the teacher's {TEACHER_STEPS}-step CFG {TEACHER_CFG} latents in diffusers "
         f"(their RMS {rms(target, 0):.4f}): teacher 1 step {before:.4f}; after "
         f"{DISTILL_STEPS} distillation steps {after_distill:.4f}; after APT {after_apt:.4f}."
-        f"\nOn the grid apt_jax's targets use: teacher {TEACHER_STEPS} steps vs diffusers' "
-        f"{rms(same_grid, target):.4f}; to it: teacher 1 step {rms(teacher_one, same_grid):.4f}, "
-        f"distilled {rms(distill_one, same_grid):.4f}, APT {rms(apt_one, same_grid):.4f}"
+        f"\nThe teacher's {TEACHER_STEPS} steps on the linear grid vs diffusers' grid: "
+        f"{rms(linear_grid, target):.4f}; to the linear grid's: teacher 1 step "
+        f"{rms(teacher_one, linear_grid):.4f}, distilled {rms(distill_one, linear_grid):.4f}, "
+        f"APT {rms(apt_one, linear_grid):.4f}"
     )
     assert np.all(np.isfinite(apt_one))
     # The distillation stage learned: much closer than where it started (the teacher).
