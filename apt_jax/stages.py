@@ -7,10 +7,12 @@ Stages:
   `Targets(name, teacher, ...)`  a teacher run's ODE solutions, `<workdir>/<name>.npz`
       (`apt_jax.tasks.distill.make_targets`);
   `Evaluate(rows, columns, ...)` every row (a run sampled with some number of
-      steps) from the same noise and labels, scored with the digits or the
-      moving-digits metrics; a picture per row, `comparison.png` (clips: also
-      `comparison.gif`) with every row's first samples (digits 0-9), and the
-      results table `results.{json,md}`.
+      steps) from the same noise and labels for each noise seed, scored with
+      the digits or the moving-digits metrics, averaged over the seeds (each
+      seed's value kept as `<metric>_seeds`); a picture per row,
+      `comparison.png` (clips: also `comparison.gif`) with every row's first
+      samples (digits 0-9, the first seed), and the results table
+      `results.{json,md}`.
 
 `run(stages, workdir)` runs them in order and returns the results table.
 Running it again resumes: a run that reached its `total_steps` and a targets
@@ -52,13 +54,23 @@ from apt_jax.train.loop import train
 
 log = logging.getLogger(__name__)
 
-DIGITS_COLUMNS = ("name", "steps", "frechet_distance", "accuracy", "num_samples", "stage_seconds")
+DIGITS_COLUMNS = (
+    "name",
+    "steps",
+    "frechet_distance",
+    "frechet_distance_seeds",
+    "accuracy",
+    "num_samples",
+    "stage_seconds",
+)
 MOVING_DIGITS_COLUMNS = (
     "name",
     "steps",
     "frame_frechet_distance",
+    "frame_frechet_distance_seeds",
     "frame_accuracy",
     "motion_error",
+    "motion_error_seeds",
     "mean_speed",
     "num_samples",
     "stage_seconds",
@@ -117,8 +129,10 @@ class Evaluate:
     Attributes:
       rows: the table's rows, in order.
       columns: the table's columns.
-      num_samples: samples (or clips) per row; labels are `i mod 10` and the
-        noise depends on the seed only, so every row sees the same noise.
+      num_samples: samples (or clips) per row and seed; labels are `i mod 10`
+        and the noise depends on the seed only, so every row sees the same noise.
+      seeds: the noise seeds; a row's metrics are their means over the seeds,
+        and `<metric>_seeds` lists each seed's value.
       sample_shape: what every row samples, e.g. `(F, H, W, C)` clips for
         runs that also trained on one-frame clips; None: each run's own.
       name: the stage's name.
@@ -127,6 +141,7 @@ class Evaluate:
     rows: tuple[Row, ...]
     columns: tuple[str, ...]
     num_samples: int = 1000
+    seeds: tuple[int, ...] = (0,)
     sample_shape: tuple[int, ...] | None = None
     name: str = "evaluate"
 
@@ -145,6 +160,8 @@ def _check(stages: Sequence[Stage]) -> None:
         elif isinstance(stage, Targets):
             needs = {stage.teacher}
         else:
+            if not stage.seeds:
+                raise ValueError(f"Stage {stage.name!r} has no noise seeds; give at least one.")
             needs = {row.stage for row in stage.rows}
         missing = sorted(needs - seen)
         if missing:
@@ -211,23 +228,43 @@ def _targets(stage: Targets, outputs: dict[str, str], prefix: str) -> bool:
     return True
 
 
-def _sample_row(run_dir: str, steps: int, num: int, shape: tuple[int, ...] | None):
-    """`num` samples of the run's served generator, labels `i mod 10`, seed 0."""
+def _sample_row(
+    run_dir: str, steps: int, num: int, shape: tuple[int, ...] | None, seeds: Sequence[int]
+):
+    """`num` samples of the run's served generator for each seed, labels `i mod 10`.
+
+    Returns the run's config and a list of `(samples, labels)`, one per seed.
+    """
     task, state, _ = load_run(run_dir)
     config = task.config
     shape = tuple(shape or registry.sample_shape(config))
-    samples, labels = generate(
-        make_generator(config),
-        task.served_params(state),
-        num=num,
-        steps=steps,
-        cfg_scale=config.eval.cfg_scale,
-        shift=config.eval.shift,
-        seed=0,
-        image_shape=shape,
-        chunk=100 if len(shape) == 4 else 500,
-    )
-    return config, samples, labels
+    params = task.served_params(state)
+    return config, [
+        generate(
+            make_generator(config),
+            params,
+            num=num,
+            steps=steps,
+            cfg_scale=config.eval.cfg_scale,
+            shift=config.eval.shift,
+            seed=seed,
+            image_shape=shape,
+            chunk=100 if len(shape) == 4 else 500,
+        )
+        for seed in seeds
+    ]
+
+
+def _seed_means(per_seed: Sequence[Mapping[str, object]]) -> dict[str, object]:
+    """One row's metrics over the seeds: the mean of each float metric, with its
+    values as `<metric>_seeds`; other values (counts) from the first seed."""
+    row = dict(per_seed[0])
+    for key, value in per_seed[0].items():
+        if isinstance(value, (float, np.floating)):
+            values = [float(m[key]) for m in per_seed]
+            row[key] = float(np.mean(values))
+            row[f"{key}_seeds"] = values
+    return row
 
 
 def _evaluate(
@@ -238,18 +275,28 @@ def _evaluate(
     prefix: str,
 ) -> str:
     names = ", ".join(row.name for row in stage.rows)
-    log.info("%s %s: %d samples each of %s", prefix, stage.name, stage.num_samples, names)
+    seeds = "seed" + (f" {stage.seeds[0]}" if len(stage.seeds) == 1 else f"s {list(stage.seeds)}")
+    log.info(
+        "%s %s: %d samples each of %s (noise %s)",
+        prefix,
+        stage.name,
+        stage.num_samples,
+        names,
+        seeds,
+    )
     rows, firsts = [], []
     for row in stage.rows:
-        config, samples, labels = _sample_row(
-            outputs[row.stage], row.steps, stage.num_samples, stage.sample_shape
+        config, sampled = _sample_row(
+            outputs[row.stage], row.steps, stage.num_samples, stage.sample_shape, stage.seeds
         )
+        samples, labels = sampled[0]  # the pictures: the first seed's
         if samples.ndim == 5:  # clips (N, F, H, W, C)
-            metrics = evaluate_moving_digits(samples, labels, config.data.max_speed)
+            speed = config.data.max_speed
+            metrics = _seed_means([evaluate_moving_digits(s, y, speed) for s, y in sampled])
             save_video_strips(samples[:10], workdir / f"{row.name}.png")
             save_video_gif(samples[:10], workdir / f"{row.name}.gif", nrow=10)
         else:
-            metrics = evaluate_digits(samples, labels)
+            metrics = _seed_means([evaluate_digits(s, y) for s, y in sampled])
             order = np.argsort(labels[:100], kind="stable")  # a row per digit
             save_png_grid(samples[:100][order], workdir / f"{row.name}.png", nrow=10)
         result = {"name": row.name, "steps": row.steps, **metrics}
@@ -341,6 +388,7 @@ def digits_demo(
     *,
     num_targets: int = 4000,
     num_samples: int = 1000,
+    seeds: tuple[int, ...] = (0, 1, 2),
 ) -> list[Stage]:
     """The digits demo: the method end to end on the 8x8 digits.
 
@@ -357,7 +405,8 @@ def digits_demo(
         `teacher_steps`, `teacher_cfg`, `teacher_shift` make the targets).
       apt: `configs/digits_apt.py`'s.
       num_targets: teacher solutions to distil.
-      num_samples: samples per row of the table.
+      num_samples: samples per row of the table and seed.
+      seeds: the noise seeds the table averages over.
     """
     return [
         Train("sft", _small_eval(sft, 200)),
@@ -377,6 +426,7 @@ def digits_demo(
             ),
             columns=DIGITS_COLUMNS,
             num_samples=num_samples,
+            seeds=seeds,
         ),
     ]
 
@@ -390,6 +440,7 @@ def moving_digits_demo(
     *,
     num_targets: int = 1024,
     num_samples: int = 1000,
+    seeds: tuple[int, ...] = (0, 1, 2),
 ) -> list[Stage]:
     """The moving-digits demo: one-step video by the image-then-video schedule.
 
@@ -408,7 +459,8 @@ def moving_digits_demo(
       deterministic: `configs/moving_digits_distill.py:deterministic`.
       apt_image, apt_video: `configs/moving_digits_apt.py:image` / `:video`.
       num_targets: teacher solutions to distil.
-      num_samples: clips per row of the table.
+      num_samples: clips per row of the table and seed.
+      seeds: the noise seeds the table averages over.
     """
     small = lambda config: _small_eval(config, 100)  # noqa: E731
     return [
@@ -439,6 +491,7 @@ def moving_digits_demo(
             ),
             columns=MOVING_DIGITS_COLUMNS,
             num_samples=num_samples,
+            seeds=seeds,
             sample_shape=registry.sample_shape(apt_video),
         ),
     ]

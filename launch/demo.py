@@ -7,7 +7,8 @@ Trains the flow-matching SFT teacher (configs/digits_sft.py), precomputes its
 initialisation, configs/digits_distill.py:deterministic), post-trains that
 student adversarially (configs/digits_apt.py, cut to 100 updates), then
 evaluates the 25- and 1-step teacher, the student and the APT generator
-(Frechet distance in pixel space, accuracy of a fixed classifier). Prints a
+(Frechet distance in pixel space, accuracy of a fixed classifier; means over
+the noise seeds `--seeds`, default 0,1,2, each seed's distance beside). Prints a
 line per stage and the results table, also written to
 `<workdir>/results.{json,md}`, with a PNG grid per row and `comparison.png`
 (a row per model, digits 0-9 from the same noise). Re-running resumes
@@ -33,6 +34,9 @@ DEMO_APT_UPDATES = 100
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its run.")
 _NUM = flags.DEFINE_integer("num_samples", 1000, "Samples per evaluated row.")
+_SEEDS = flags.DEFINE_list(
+    "seeds", ["0", "1", "2"], "Noise seeds; the table gives each row's means over them."
+)
 _TINY = flags.DEFINE_bool(
     "tiny", False, "A smoke run of a minute or two: the recipes' tiny variants."
 )
@@ -57,6 +61,7 @@ def main(argv):
         apt=apt,
         num_targets=64 if tiny else 4000,
         num_samples=_NUM.value,
+        seeds=tuple(int(seed) for seed in _SEEDS.value),
     )
     print(stages.run(pipeline, _WORKDIR.value))
 

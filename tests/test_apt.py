@@ -228,7 +228,8 @@ def test_discriminator_warmup_updates_d_alone_then_both(teacher_dir, batch):
     want_d = jax.tree.map(np.asarray, want["discriminator"].params)
 
     state, metrics = warm.train_step(start, global_batch, rng)
-    for a, b in zip(jax.tree.leaves(state["discriminator"].params), jax.tree.leaves(want_d)):
+    d_leaves = jax.tree.leaves(state["discriminator"].params)
+    for a, b in zip(d_leaves, jax.tree.leaves(want_d), strict=True):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-7)
     for a, b in zip(jax.tree.leaves(state["generator"]), jax.tree.leaves(g0), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)

@@ -126,7 +126,7 @@ def test_heads_refuse_an_unknown_implementation():
 
 
 def test_xla_in_the_heads_is_apt_jax_kernel_not_jax_nn():
-    """"xla" is apt_jax's custom-VJP kernel in the heads as in the backbone (it has no
+    """ "xla" is apt_jax's custom-VJP kernel in the heads as in the backbone (it has no
     forward mode), "xla_autodiff" jax.nn's (it has); the heads used to pass the name
     straight to jax.nn, where "xla" is jax.nn's kernel and "xla_autodiff" unknown."""
     cfg = get_variant("digits-tiny")

@@ -79,6 +79,12 @@ def test_demo(tmp_path):
     assert all(name in stdout for name in names)
     assert all(np.isfinite(r["frechet_distance"]) for r in rows)
     assert all(r["num_samples"] == 20 for r in rows)
+    # Each row's metrics are means over the three default noise seeds, which differ.
+    for r in rows:
+        per_seed = r["frechet_distance_seeds"]
+        assert len(per_seed) == 3 and len(set(per_seed)) == 3
+        assert np.isclose(r["frechet_distance"], np.mean(per_seed))
+        assert np.isclose(r["accuracy"], np.mean(r["accuracy_seeds"]))
     assert (workdir / "teacher_1_step.png").exists() and (workdir / "results.md").exists()
     # Four rows of ten 8x8 digits, upscaled 4x with 1-pixel padding.
     comparison = np.asarray(Image.open(workdir / "comparison.png"))

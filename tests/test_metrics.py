@@ -164,16 +164,16 @@ def test_save_png_grid(tmp_path):
 def test_results_markdown_and_files(tmp_path):
     rows = [
         {"recipe": "sft", "steps": 25, "frechet_distance": np.float64(1.23456), "accuracy": 0.9},
-        {"recipe": "apt|1", "steps": 1, "frechet_distance": 0.5},
+        {"recipe": "apt|1", "steps": 1, "frechet_distance": 0.5, "seeds": [0.41234, 0.5]},
     ]
-    md = results_table_markdown(rows, ["recipe", "steps", "frechet_distance", "accuracy"])
+    md = results_table_markdown(rows, ["recipe", "steps", "frechet_distance", "accuracy", "seeds"])
     lines = md.strip().split("\n")
-    assert lines[0] == "| recipe | steps | frechet_distance | accuracy |"
-    assert lines[1].count("---") == 4
-    assert lines[2] == "| sft | 25 | 1.235 | 0.9 |"
-    assert lines[3] == "| apt\\|1 | 1 | 0.5 |  |"
+    assert lines[0] == "| recipe | steps | frechet_distance | accuracy | seeds |"
+    assert lines[1].count("---") == 5
+    assert lines[2] == "| sft | 25 | 1.235 | 0.9 |  |"
+    assert lines[3] == "| apt\\|1 | 1 | 0.5 |  | 0.4123 / 0.5 |"
     assert results_table_markdown(rows).startswith(
-        "| recipe | steps | frechet_distance | accuracy |"
+        "| recipe | steps | frechet_distance | accuracy | seeds |"
     )
 
     json_path, md_path = tmp_path / "r.json", tmp_path / "r.md"

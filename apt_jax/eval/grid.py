@@ -138,13 +138,16 @@ def _format_cell(value: Any) -> str:
         if math.isnan(value) or math.isinf(value):
             return str(value)
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    if isinstance(value, (list, tuple)):  # e.g. a metric's value per seed
+        return " / ".join(_format_cell(v) for v in value)
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def results_table_markdown(
     rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None
 ) -> str:
-    """A Markdown table with one line per row dict; floats to 4 significant digits.
+    """A Markdown table with one line per row dict; floats to 4 significant digits,
+    lists as their values joined by " / ".
 
     (Floats of magnitude >= 1e4 are printed without decimals; ``None`` is blank.)
 
